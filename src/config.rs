@@ -1,0 +1,381 @@
+//! Configuration: the control plane.
+//!
+//! Parsed once from TOML (unknown keys are errors), overridden by CLI flags, validated into a
+//! [`Config`] whose values the hot path copies into per-shard plain fields. Every key, its
+//! default and its meaning is listed in `docs/configuration.md`; `gatehouse
+//! print-default-config` prints the same defaults as TOML.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+use crate::limits;
+
+/// A configuration problem, naming the key and why.
+#[derive(Debug, Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        /// File path.
+        path: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// TOML syntax error or unknown key.
+    #[error("config file {path}: {message}")]
+    Parse {
+        /// File path.
+        path: String,
+        /// Parser message, naming the key.
+        message: String,
+    },
+    /// A value outside its allowed range.
+    #[error("invalid value for `{key}`: {why}")]
+    Invalid {
+        /// Dotted key name.
+        key: &'static str,
+        /// Why it is refused.
+        why: String,
+    },
+}
+
+/// When the store forces its writes to stable storage. Every policy survives `kill -9` of the
+/// gateway (committed pages are in the kernel's page cache); they differ on power loss or
+/// kernel crash. See `docs/configuration.md`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SyncPolicy {
+    /// fsync in every group commit, before any acknowledgement goes out. Loses nothing.
+    Always,
+    /// Commit without fsync, acknowledge, and fsync every `store.sync_interval_ms`. On power
+    /// loss, loses at most the acknowledged messages of the last interval.
+    Batch,
+    /// Never fsync; the kernel writes back on its own schedule (about 30 s on Linux).
+    None,
+}
+
+/// `[server]`: listeners and shards.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServerSection {
+    /// Address every shard's SO_REUSEPORT listener binds.
+    pub listen: SocketAddr,
+    /// Shards (pinned executors); 0 means one per CPU this process may run on.
+    pub shards: usize,
+    /// First CPU to pin shard 0 to; shard i runs on CPU `(first_cpu + i) % cpus`.
+    pub first_cpu: usize,
+    /// listen(2) backlog of each shard's listener (capped by net.core.somaxconn).
+    pub backlog: u32,
+    /// Connections one shard holds at most; further ones get ERROR(overloaded) and a close.
+    pub max_connections_per_shard: usize,
+}
+
+impl Default for ServerSection {
+    fn default() -> Self {
+        ServerSection {
+            listen: "127.0.0.1:7400".parse().expect("valid literal"),
+            shards: 0,
+            first_cpu: 0,
+            backlog: 4096,
+            max_connections_per_shard: 1_000_000,
+        }
+    }
+}
+
+/// `[runtime]`: executor settings.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RuntimeSection {
+    /// glommio's registered (locked) I/O memory per shard, KiB. TCP does not use it; keep it
+    /// small so that many processes fit under RLIMIT_MEMLOCK.
+    pub io_memory_kib: usize,
+    /// io_uring ring depth per shard.
+    pub ring_depth: usize,
+    /// Heartbeat period per shard, ms: bounds glommio 0.9's executor stall (0 disables).
+    pub heartbeat_ms: u64,
+    /// A shard that has queued work but makes no progress for this long counts as stalled.
+    pub stall_threshold_ms: u64,
+}
+
+impl Default for RuntimeSection {
+    fn default() -> Self {
+        RuntimeSection {
+            io_memory_kib: 64,
+            ring_depth: 128,
+            heartbeat_ms: limits::HEARTBEAT_MS_DEFAULT,
+            stall_threshold_ms: 200,
+        }
+    }
+}
+
+/// `[limits]`: per-connection and per-user bounds.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LimitsSection {
+    /// Largest frame (type byte + payload) accepted, bytes.
+    pub max_frame_bytes: usize,
+    /// Time from accept to a completed login, ms.
+    pub login_timeout_ms: u64,
+    /// Time without a frame from a logged-in client before GO_AWAY(idle), ms.
+    pub idle_timeout_ms: u64,
+    /// Deliveries a device may leave unacknowledged.
+    pub delivery_window: usize,
+    /// Outbound bytes queued per connection before it is closed as a slow consumer.
+    pub outbound_bytes_max: usize,
+    /// Messages one user's offline queue holds at most.
+    pub queue_messages_max: u32,
+}
+
+impl Default for LimitsSection {
+    fn default() -> Self {
+        LimitsSection {
+            max_frame_bytes: limits::FRAME_BYTES_MAX_DEFAULT,
+            login_timeout_ms: limits::LOGIN_TIMEOUT_MS_DEFAULT,
+            idle_timeout_ms: limits::IDLE_TIMEOUT_MS_DEFAULT,
+            delivery_window: limits::DELIVERY_WINDOW_DEFAULT,
+            outbound_bytes_max: limits::OUTBOUND_BYTES_MAX_DEFAULT,
+            queue_messages_max: limits::QUEUE_MESSAGES_MAX_DEFAULT,
+        }
+    }
+}
+
+/// `[store]`: the per-shard LMDB environments.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StoreSection {
+    /// Directory holding `shard-N/` LMDB environments and the default token key.
+    pub data_dir: PathBuf,
+    /// LMDB map size per shard, MiB (address space reserved, not memory used).
+    pub map_size_mib: usize,
+    /// When writes reach stable storage.
+    pub sync: SyncPolicy,
+    /// With `sync = "batch"`: fsync period, ms.
+    pub sync_interval_ms: u64,
+}
+
+impl Default for StoreSection {
+    fn default() -> Self {
+        StoreSection {
+            data_dir: PathBuf::from("gatehouse-data"),
+            map_size_mib: 4096,
+            sync: SyncPolicy::Batch,
+            sync_interval_ms: 100,
+        }
+    }
+}
+
+/// `[auth]`: token keys.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuthSection {
+    /// Current key as 64 hex digits, inline. Takes precedence over `key_file`.
+    pub key_hex: Option<String>,
+    /// File holding the current key (64 hex digits). Default `<data_dir>/token.key`, created
+    /// with a random key if missing.
+    pub key_file: Option<PathBuf>,
+    /// File holding the previous key, still accepted during rotation.
+    pub previous_key_file: Option<PathBuf>,
+}
+
+/// The whole configuration.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Listeners and shards.
+    pub server: ServerSection,
+    /// Executors.
+    pub runtime: RuntimeSection,
+    /// Bounds.
+    pub limits: LimitsSection,
+    /// Storage.
+    pub store: StoreSection,
+    /// Tokens.
+    pub auth: AuthSection,
+}
+
+fn invalid(key: &'static str, why: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key,
+        why: why.into(),
+    }
+}
+
+impl Config {
+    /// Parses TOML text (unknown keys are errors). Does not validate; call [`Config::validate`].
+    pub fn from_toml(text: &str, path: &str) -> Result<Config, ConfigError> {
+        toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.to_string(),
+            message: e.to_string(),
+        })
+    }
+
+    /// Reads and parses a file.
+    pub fn from_file(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Config::from_toml(&text, &path.display().to_string())
+    }
+
+    /// The defaults as TOML.
+    pub fn default_toml() -> String {
+        toml::to_string_pretty(&Config::default()).expect("defaults serialize")
+    }
+
+    /// Shards this process runs: `server.shards`, or one per CPU it may use.
+    pub fn shard_count(&self) -> usize {
+        if self.server.shards > 0 {
+            self.server.shards
+        } else {
+            std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1)
+        }
+    }
+
+    /// Checks every range; the error names the key.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let l = &self.limits;
+        if self.server.shards > crate::ids::SHARDS_MAX {
+            return Err(invalid(
+                "server.shards",
+                format!("at most {}", crate::ids::SHARDS_MAX),
+            ));
+        }
+        if self.server.backlog == 0 {
+            return Err(invalid("server.backlog", "must be > 0"));
+        }
+        if self.server.max_connections_per_shard == 0 {
+            return Err(invalid("server.max_connections_per_shard", "must be > 0"));
+        }
+        if !(limits::FRAME_BYTES_MAX_FLOOR..=limits::FRAME_BYTES_MAX_CEILING)
+            .contains(&l.max_frame_bytes)
+        {
+            return Err(invalid(
+                "limits.max_frame_bytes",
+                format!(
+                    "must be in {}..={}",
+                    limits::FRAME_BYTES_MAX_FLOOR,
+                    limits::FRAME_BYTES_MAX_CEILING
+                ),
+            ));
+        }
+        if l.login_timeout_ms == 0 || l.idle_timeout_ms == 0 {
+            return Err(invalid(
+                "limits.login_timeout_ms / limits.idle_timeout_ms",
+                "must be > 0",
+            ));
+        }
+        if l.idle_timeout_ms > u64::from(u32::MAX) {
+            return Err(invalid(
+                "limits.idle_timeout_ms",
+                "must fit in 32 bits of milliseconds",
+            ));
+        }
+        if !(1..=limits::DELIVERY_WINDOW_MAX).contains(&l.delivery_window) {
+            return Err(invalid(
+                "limits.delivery_window",
+                format!("must be in 1..={}", limits::DELIVERY_WINDOW_MAX),
+            ));
+        }
+        if l.outbound_bytes_max < l.max_frame_bytes * 2 {
+            return Err(invalid(
+                "limits.outbound_bytes_max",
+                "must be at least 2 × limits.max_frame_bytes",
+            ));
+        }
+        if l.queue_messages_max == 0 {
+            return Err(invalid("limits.queue_messages_max", "must be > 0"));
+        }
+        if self.store.map_size_mib < 16 {
+            return Err(invalid("store.map_size_mib", "must be at least 16"));
+        }
+        if self.store.sync == SyncPolicy::Batch && self.store.sync_interval_ms == 0 {
+            return Err(invalid(
+                "store.sync_interval_ms",
+                "must be > 0 with sync = \"batch\"",
+            ));
+        }
+        if self.runtime.io_memory_kib < 16 {
+            return Err(invalid("runtime.io_memory_kib", "must be at least 16"));
+        }
+        if !self.runtime.ring_depth.is_power_of_two() || self.runtime.ring_depth < 16 {
+            return Err(invalid("runtime.ring_depth", "must be a power of two ≥ 16"));
+        }
+        if self.runtime.stall_threshold_ms == 0 {
+            return Err(invalid("runtime.stall_threshold_ms", "must be > 0"));
+        }
+        if let Some(k) = &self.auth.key_hex {
+            crate::auth::parse_key_hex(k, "auth.key_hex")
+                .map_err(|e| invalid("auth.key_hex", e.to_string()))?;
+        }
+        Ok(())
+    }
+
+    /// Path of the current key file (explicit or the default under `data_dir`).
+    pub fn key_file(&self) -> PathBuf {
+        self.auth
+            .key_file
+            .clone()
+            .unwrap_or_else(|| self.store.data_dir.join("token.key"))
+    }
+
+    /// Loads the token keys; creates the default key file if neither an inline key nor an
+    /// explicit key file is configured.
+    pub fn token_keys(&self) -> Result<crate::auth::TokenKeys, crate::auth::KeyError> {
+        use crate::auth::{load_or_create_key_file, parse_key_hex, TokenKeys};
+        let current = match &self.auth.key_hex {
+            Some(k) => parse_key_hex(k, "auth.key_hex")?,
+            None => load_or_create_key_file(&self.key_file(), self.auth.key_file.is_none())?,
+        };
+        let previous = match &self.auth.previous_key_file {
+            Some(p) => Some(load_or_create_key_file(p, false)?),
+            None => None,
+        };
+        Ok(TokenKeys::new(current, previous))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_roundtrip_and_validate() {
+        let text = Config::default_toml();
+        let c = Config::from_toml(&text, "defaults").unwrap();
+        assert_eq!(c, Config::default());
+        c.validate().unwrap();
+    }
+
+    #[test]
+    fn unknown_keys_are_errors() {
+        let err =
+            Config::from_toml("[server]\nlisten_addr = \"1.2.3.4:5\"\n", "t.toml").unwrap_err();
+        assert!(err.to_string().contains("listen_addr"), "{err}");
+        let err = Config::from_toml("[nope]\n", "t.toml").unwrap_err();
+        assert!(err.to_string().contains("nope"), "{err}");
+    }
+
+    #[test]
+    fn bad_values_name_their_key() {
+        let c = Config::from_toml("[limits]\nmax_frame_bytes = 10\n", "t").unwrap();
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("limits.max_frame_bytes"));
+        let c = Config::from_toml("[store]\nsync = \"sometimes\"\n", "t");
+        assert!(c.unwrap_err().to_string().contains("sometimes"));
+        let c = Config::from_toml("[auth]\nkey_hex = \"zz\"\n", "t").unwrap();
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("auth.key_hex"));
+    }
+}

@@ -1,0 +1,82 @@
+//! One home for every limit and default (TIGER_STYLE: put a limit on everything).
+//!
+//! The configuration layer (`config.rs`) lets operators move the configurable ones; the
+//! `const` assertions at the bottom pin how the limits relate to each other.
+
+/// Length prefix of every frame, in bytes.
+pub const FRAME_HEADER_BYTES: usize = 4;
+/// Smallest maximum frame an operator may configure (must hold every fixed-size frame).
+pub const FRAME_BYTES_MAX_FLOOR: usize = 1024;
+/// Largest maximum frame an operator may configure.
+pub const FRAME_BYTES_MAX_CEILING: usize = 16 * 1024 * 1024;
+/// Default maximum frame length (type byte + payload), in bytes.
+pub const FRAME_BYTES_MAX_DEFAULT: usize = 64 * 1024;
+/// Most ids in one ACK or READ frame.
+pub const ACK_IDS_MAX: usize = 1024;
+/// Longest login token accepted, in bytes.
+pub const TOKEN_BYTES_MAX: usize = 512;
+/// Longest human-readable text in an ERROR or GO_AWAY frame, in bytes.
+pub const REASON_BYTES_MAX: usize = 256;
+
+/// Per-shard scratch buffer that every read goes through, in bytes. Idle connections hold
+/// no read buffer of their own.
+pub const READ_SCRATCH_BYTES: usize = 64 * 1024;
+/// Reads one connection may do in one poll before yielding to others on the shard.
+pub const READS_PER_POLL_MAX: usize = 8;
+/// Bytes of encoded frames written in one `sendmsg` call at most.
+pub const WRITE_BATCH_BYTES_MAX: usize = 256 * 1024;
+/// iovecs in one `sendmsg` call at most (well under IOV_MAX = 1024).
+pub const WRITE_IOVECS_MAX: usize = 64;
+
+/// Default deliveries (messages and receipts) a device may have unacknowledged at once.
+pub const DELIVERY_WINDOW_DEFAULT: usize = 64;
+/// Largest delivery window an operator may configure.
+pub const DELIVERY_WINDOW_MAX: usize = 4096;
+/// Default outbound bytes queued for one connection before it counts as a slow consumer.
+pub const OUTBOUND_BYTES_MAX_DEFAULT: usize = 1024 * 1024;
+/// Default messages a user's offline queue may hold; further sends get QUEUE_FULL.
+pub const QUEUE_MESSAGES_MAX_DEFAULT: u32 = 10_000;
+/// Receipts may exceed the message limit by this factor before they are dropped (and
+/// counted), so that receipts never block a sender from being told about delivery.
+pub const QUEUE_RECEIPTS_FACTOR: u32 = 2;
+
+/// Default capacity of each shard-to-shard channel, in batches.
+pub const CHANNEL_BATCHES_DEFAULT: usize = 256;
+/// Envelopes in one cross-shard batch at most.
+pub const BATCH_ENVELOPES_MAX: usize = 256;
+/// Envelopes waiting in one shard's outbox to another shard before connections on the
+/// sending shard stop reading (back-pressure).
+pub const OUTBOX_ENVELOPES_HIGH_WATER: usize = 16 * 1024;
+
+/// Operations in one LMDB write transaction at most (group commit).
+pub const COMMIT_OPS_MAX: usize = 4096;
+/// Operations waiting for the next commit before connections on the shard stop reading.
+pub const PENDING_OPS_HIGH_WATER: usize = 64 * 1024;
+
+/// Default time a connection has from accept to a successful login, in milliseconds.
+pub const LOGIN_TIMEOUT_MS_DEFAULT: u64 = 10_000;
+/// Default time without any frame from a logged-in client before GO_AWAY(idle), in ms.
+pub const IDLE_TIMEOUT_MS_DEFAULT: u64 = 300_000;
+/// Period of the per-shard housekeeping sweep (timeouts), in milliseconds.
+pub const SWEEP_INTERVAL_MS: u64 = 250;
+/// Default period of the per-shard heartbeat that bounds glommio 0.9's executor stall.
+pub const HEARTBEAT_MS_DEFAULT: u64 = 5;
+
+const _: () = assert!(FRAME_BYTES_MAX_DEFAULT >= FRAME_BYTES_MAX_FLOOR);
+const _: () = assert!(FRAME_BYTES_MAX_DEFAULT <= FRAME_BYTES_MAX_CEILING);
+// An ACK or READ with the most ids must fit in the smallest allowed frame... it does not at
+// 1024 ids (8 KiB), so the decoder also bounds ids by the frame length; this pins the floor
+// to hold at least the header fields plus one id.
+const _: () = assert!(FRAME_BYTES_MAX_FLOOR > 1 + 2 + 8 + 8);
+const _: () = assert!(TOKEN_BYTES_MAX + 1 + 8 + 4 + 2 < FRAME_BYTES_MAX_FLOOR);
+const _: () = assert!(DELIVERY_WINDOW_DEFAULT <= DELIVERY_WINDOW_MAX);
+const _: () = assert!(BATCH_ENVELOPES_MAX <= OUTBOX_ENVELOPES_HIGH_WATER);
+const _: () = assert!(COMMIT_OPS_MAX <= PENDING_OPS_HIGH_WATER);
+
+/// SENDs one connection may have awaiting their SEND_ACK before the server stops reading
+/// from it (bounds the acknowledgements queued for one client).
+pub const SENDS_IN_FLIGHT_MAX: u32 = 1024;
+/// Time a closing connection gets to flush its last frames before it is dropped, in ms.
+pub const CLOSE_GRACE_MS: u64 = 5_000;
+/// Time a stopping shard waits for pending store writes before giving up, in ms.
+pub const SHUTDOWN_FLUSH_MS: u64 = 10_000;

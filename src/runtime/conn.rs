@@ -1,0 +1,460 @@
+//! The per-connection I/O task and the connection's shard-local state.
+//!
+//! Reads go through the shard's scratch buffer: an idle connection holds no read buffer,
+//! only a partial frame when one is split across reads (freed when complete). Writes gather
+//! the queued frames (DELIVER headers and shared bodies) into one `sendmsg` with no copy of
+//! the bodies. The task reads only when the connection and the shard can take more work
+//! (back-pressure), and stops at a fatal error, a GO_AWAY, EOF, or a hand-over.
+
+use std::cell::{Cell, RefCell};
+use std::collections::VecDeque;
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::pin::Pin;
+use std::rc::Rc;
+use std::task::{Context, Poll, Waker};
+
+use bytes::{Bytes, BytesMut};
+use futures_lite::future::poll_fn;
+use futures_lite::{AsyncRead, AsyncWrite};
+use glommio::net::TcpStream;
+
+use super::now_ms;
+use super::shard::Shard;
+use crate::ids::{DeviceId, ServerMsgId, UserId};
+use crate::limits;
+use crate::proto::{split_frame, ServerFrame};
+use crate::session::{
+    protocol_error, DeliveryWindow, Handshake, InFlight, Phase, SessionParams, Step,
+};
+
+/// Mutable state of one connection.
+#[derive(Debug)]
+struct ConnState {
+    hs: Handshake,
+    out: VecDeque<Bytes>,
+    out_bytes: usize,
+    out_offset: usize,
+    partial: Vec<u8>,
+    closing_since_ms: Option<u64>,
+    aborted: bool,
+    handover: Option<(UserId, DeviceId)>,
+    last_rx_ms: u64,
+    window: DeliveryWindow,
+    sends_in_flight: u32,
+}
+
+/// One connection's shard-local state, shared between its I/O task and the shard (which
+/// queues frames to it and wakes it).
+#[derive(Debug)]
+pub struct Conn {
+    /// Generation: tells this connection from a later one in the same slot.
+    pub gen: u32,
+    st: RefCell<ConnState>,
+    waker: RefCell<Option<Waker>>,
+    now_ms: Cell<u64>,
+}
+
+impl Conn {
+    /// A connection in `hs`'s phase.
+    pub fn new(gen: u32, hs: Handshake, now_ms: u64) -> Conn {
+        Conn {
+            gen,
+            st: RefCell::new(ConnState {
+                hs,
+                out: VecDeque::new(),
+                out_bytes: 0,
+                out_offset: 0,
+                partial: Vec::new(),
+                closing_since_ms: None,
+                aborted: false,
+                handover: None,
+                last_rx_ms: now_ms,
+                window: DeliveryWindow::default(),
+                sends_in_flight: 0,
+            }),
+            waker: RefCell::new(None),
+            now_ms: Cell::new(now_ms),
+        }
+    }
+
+    fn wake(&self) {
+        if let Some(w) = self.waker.borrow_mut().take() {
+            w.wake();
+        }
+    }
+
+    /// Phase of the state machine.
+    pub fn phase(&self) -> Phase {
+        self.st.borrow().hs.phase()
+    }
+
+    /// Queues an encoded frame and wakes the task.
+    pub fn push_bytes(&self, b: Bytes) {
+        let mut st = self.st.borrow_mut();
+        if st.aborted {
+            return;
+        }
+        st.out_bytes += b.len();
+        st.out.push_back(b);
+        drop(st);
+        self.wake();
+    }
+
+    /// Encodes and queues a frame.
+    pub fn push_frame(&self, f: &ServerFrame) {
+        let mut b = BytesMut::with_capacity(48);
+        f.encode(&mut b);
+        self.push_bytes(b.freeze());
+    }
+
+    /// Stops reading; the task flushes what is queued, then closes.
+    pub fn close(&self) {
+        let mut st = self.st.borrow_mut();
+        if st.closing_since_ms.is_none() {
+            st.closing_since_ms = Some(self.now_ms.get());
+            st.hs.close();
+        }
+        drop(st);
+        self.wake();
+    }
+
+    /// Drops the connection without flushing (close grace expired).
+    pub fn abort(&self) {
+        self.st.borrow_mut().aborted = true;
+        self.wake();
+    }
+
+    /// Whether a close is under way.
+    pub fn is_closing(&self) -> bool {
+        self.st.borrow().closing_since_ms.is_some()
+    }
+
+    /// When the close began.
+    pub fn closing_since(&self) -> Option<u64> {
+        self.st.borrow().closing_since_ms
+    }
+
+    /// Marks the connection for hand-over to the user's owner shard once its output drains.
+    pub fn start_handover(&self, user: UserId, device: DeviceId) {
+        self.st.borrow_mut().handover = Some((user, device));
+    }
+
+    /// Unprocessed input carried over from another shard.
+    pub fn set_partial(&self, bytes: Vec<u8>) {
+        self.st.borrow_mut().partial = bytes;
+    }
+
+    /// A SEND left for routing.
+    pub fn send_started(&self) {
+        self.st.borrow_mut().sends_in_flight += 1;
+    }
+
+    /// A SEND was answered.
+    pub fn send_finished(&self) {
+        let mut st = self.st.borrow_mut();
+        st.sends_in_flight = st.sends_in_flight.saturating_sub(1);
+    }
+
+    /// See [`DeliveryWindow::acked`].
+    pub fn acked(&self, id: ServerMsgId) -> Option<InFlight> {
+        self.st.borrow_mut().window.acked(id)
+    }
+
+    /// See [`DeliveryWindow::delivered`].
+    pub fn delivered(&self, f: InFlight) {
+        self.st.borrow_mut().window.delivered(f)
+    }
+
+    /// See [`DeliveryWindow::room`].
+    pub fn room(&self, window: usize) -> usize {
+        self.st.borrow().window.room(window)
+    }
+
+    /// See [`DeliveryWindow::cursor`].
+    pub fn cursor(&self) -> Option<ServerMsgId> {
+        self.st.borrow().window.cursor()
+    }
+
+    /// See [`DeliveryWindow::caught_up`].
+    pub fn caught_up(&self) -> bool {
+        self.st.borrow().window.caught_up()
+    }
+
+    /// See [`DeliveryWindow::set_caught_up`].
+    pub fn set_caught_up(&self, v: bool) {
+        self.st.borrow_mut().window.set_caught_up(v)
+    }
+
+    /// When the last frame arrived.
+    pub fn last_rx_ms(&self) -> u64 {
+        self.st.borrow().last_rx_ms
+    }
+
+    /// See [`Handshake::check_login_timeout`].
+    pub fn check_login_timeout(&self, now_ms: u64, params: &SessionParams) -> Option<Step> {
+        self.now_ms.set(now_ms);
+        self.st.borrow_mut().hs.check_login_timeout(now_ms, params)
+    }
+
+    fn can_read(&self, shard: &Shard) -> bool {
+        let st = self.st.borrow();
+        st.closing_since_ms.is_none()
+            && st.handover.is_none()
+            && st.out_bytes < shard.cfg.outbound_bytes_max / 2
+            && st.sends_in_flight < limits::SENDS_IN_FLIGHT_MAX
+    }
+
+    fn advance(st: &mut ConnState, mut n: usize) {
+        st.out_bytes -= n;
+        while n > 0 {
+            let front_left = st.out[0].len() - st.out_offset;
+            if n >= front_left {
+                n -= front_left;
+                st.out.pop_front();
+                st.out_offset = 0;
+            } else {
+                st.out_offset += n;
+                n = 0;
+            }
+        }
+        if st.out.is_empty() {
+            // Give the ring buffer back: idle connections hold no buffers.
+            st.out = VecDeque::new();
+        }
+    }
+
+    /// Writes as much queued output as the socket takes. `Ok` also when it would block
+    /// (write interest is then registered with the reactor).
+    fn flush(&self, stream: &mut TcpStream, cx: &mut Context<'_>) -> io::Result<()> {
+        let mut st = self.st.borrow_mut();
+        while !st.out.is_empty() {
+            let mut iov: [libc::iovec; limits::WRITE_IOVECS_MAX] = [libc::iovec {
+                iov_base: std::ptr::null_mut(),
+                iov_len: 0,
+            };
+                limits::WRITE_IOVECS_MAX];
+            let mut count = 0;
+            let mut total = 0;
+            for (i, b) in st.out.iter().enumerate() {
+                if count == limits::WRITE_IOVECS_MAX || total >= limits::WRITE_BATCH_BYTES_MAX {
+                    break;
+                }
+                let s = if i == 0 { &b[st.out_offset..] } else { &b[..] };
+                iov[count] = libc::iovec {
+                    iov_base: s.as_ptr() as *mut libc::c_void,
+                    iov_len: s.len(),
+                };
+                count += 1;
+                total += s.len();
+            }
+            // SAFETY: msghdr is zero-initialisable; iovecs point into `st.out`, which is not
+            // touched until sendmsg returns.
+            let n = unsafe {
+                let mut msg: libc::msghdr = std::mem::zeroed();
+                msg.msg_iov = iov.as_mut_ptr();
+                msg.msg_iovlen = count as _;
+                libc::sendmsg(
+                    stream.as_raw_fd(),
+                    &msg,
+                    libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+                )
+            };
+            if n >= 0 {
+                Self::advance(&mut st, n as usize);
+                continue;
+            }
+            let err = io::Error::last_os_error();
+            match err.kind() {
+                io::ErrorKind::Interrupted => continue,
+                io::ErrorKind::WouldBlock => {
+                    // Let glommio register write interest (it may also write a little).
+                    let front = st.out[0].slice(st.out_offset..);
+                    match Pin::new(&mut *stream).poll_write(cx, &front) {
+                        Poll::Ready(Ok(n)) => Self::advance(&mut st, n),
+                        Poll::Ready(Err(e)) => return Err(e),
+                        Poll::Pending => return Ok(()),
+                    }
+                }
+                _ => return Err(err),
+            }
+        }
+        Ok(())
+    }
+}
+
+/// How a connection task ended.
+enum Exit {
+    Closed,
+    Eof,
+    Io(io::Error),
+    Handover(UserId, DeviceId),
+}
+
+/// Feeds `data` to the state machine frame by frame; returns how many bytes it consumed.
+/// Stops early at a fatal error (the rest is discarded) or a hand-over (the rest travels).
+fn process(shard: &Shard, slot: u32, conn: &Rc<Conn>, data: &[u8], now: u64) -> usize {
+    let mut off = 0;
+    loop {
+        {
+            let st = conn.st.borrow();
+            if st.closing_since_ms.is_some() || st.handover.is_some() {
+                return off;
+            }
+        }
+        match split_frame(&data[off..], shard.cfg.max_frame_bytes) {
+            Ok(None) => return off,
+            Err(e) => {
+                shard.apply_step(slot, conn, protocol_error(&e), now);
+                return data.len();
+            }
+            Ok(Some(raw)) => {
+                off += raw.total_bytes;
+                let step = {
+                    let mut st = conn.st.borrow_mut();
+                    st.last_rx_ms = now;
+                    st.hs
+                        .handle_frame(raw.frame_type, raw.payload, now, &shard.params)
+                };
+                shard.apply_step(slot, conn, step, now);
+            }
+        }
+    }
+}
+
+/// Processes `fresh` input, joined to any partial frame kept from earlier reads.
+fn consume(shard: &Shard, slot: u32, conn: &Rc<Conn>, fresh: &[u8], now: u64) {
+    let mut partial = std::mem::take(&mut conn.st.borrow_mut().partial);
+    let rest: Vec<u8> = if partial.is_empty() {
+        let used = process(shard, slot, conn, fresh, now);
+        fresh[used..].to_vec()
+    } else {
+        partial.extend_from_slice(fresh);
+        let used = process(shard, slot, conn, &partial, now);
+        partial.drain(..used);
+        partial
+    };
+    let mut st = conn.st.borrow_mut();
+    // A closing connection discards unread input; otherwise keep the split frame (bounded by
+    // the maximum frame size, which `split_frame` enforces).
+    st.partial = if st.closing_since_ms.is_some() || rest.is_empty() {
+        Vec::new()
+    } else {
+        rest
+    };
+}
+
+fn poll_conn(
+    shard: &Shard,
+    slot: u32,
+    conn: &Rc<Conn>,
+    stream: &mut TcpStream,
+    cx: &mut Context<'_>,
+) -> Poll<Exit> {
+    {
+        let mut w = conn.waker.borrow_mut();
+        if !w.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+            *w = Some(cx.waker().clone());
+        }
+    }
+    for _ in 0..limits::READS_PER_POLL_MAX {
+        if let Err(e) = conn.flush(stream, cx) {
+            return Poll::Ready(Exit::Io(e));
+        }
+        {
+            let st = conn.st.borrow();
+            if st.aborted {
+                return Poll::Ready(Exit::Closed);
+            }
+            if st.out.is_empty() {
+                if st.closing_since_ms.is_some() {
+                    return Poll::Ready(Exit::Closed);
+                }
+                if let Some((u, d)) = st.handover {
+                    return Poll::Ready(Exit::Handover(u, d));
+                }
+            }
+            if st.out_bytes > shard.cfg.outbound_bytes_max {
+                drop(st);
+                conn.push_frame(&ServerFrame::error(
+                    crate::proto::ErrorCode::SlowConsumer,
+                    0,
+                    "outbound queue over its limit: the client does not read",
+                ));
+                conn.close();
+                continue;
+            }
+        }
+        if !conn.can_read(shard) {
+            return Poll::Pending;
+        }
+        if shard.backpressured() {
+            shard.park_reader(cx.waker());
+            return Poll::Pending;
+        }
+        let mut scratch = shard.scratch.borrow_mut();
+        match Pin::new(&mut *stream).poll_read(cx, &mut scratch[..]) {
+            Poll::Pending => return Poll::Pending,
+            Poll::Ready(Ok(0)) => return Poll::Ready(Exit::Eof),
+            Poll::Ready(Err(e)) => return Poll::Ready(Exit::Io(e)),
+            Poll::Ready(Ok(n)) => {
+                let now = now_ms();
+                conn.now_ms.set(now);
+                consume(shard, slot, conn, &scratch[..n], now);
+            }
+        }
+    }
+    // Fairness: let other connections of this shard run, then continue.
+    cx.waker().wake_by_ref();
+    Poll::Pending
+}
+
+/// Serves one connection until it closes or moves to another shard.
+pub async fn serve(shard: Rc<Shard>, mut stream: TcpStream, slot: u32, conn: Rc<Conn>) {
+    // Input handed over from another shard may already hold whole frames.
+    let carried = std::mem::take(&mut conn.st.borrow_mut().partial);
+    if !carried.is_empty() {
+        consume(&shard, slot, &conn, &carried, now_ms());
+    }
+    let exit = poll_fn(|cx| poll_conn(&shard, slot, &conn, &mut stream, cx)).await;
+    match exit {
+        Exit::Handover(user, device) => {
+            // glommio 0.9 has no into_raw_fd: dup the socket, then drop the stream (closing
+            // only our copy) and send the dup to the owner shard.
+            let leftover = std::mem::take(&mut conn.st.borrow_mut().partial);
+            // SAFETY: dup of a valid open fd; on success we own the new descriptor.
+            let dup = unsafe { libc::fcntl(stream.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 0) };
+            drop(stream);
+            shard.remove_conn(slot);
+            if dup < 0 {
+                tracing::warn!(shard = shard.id.0, error = %io::Error::last_os_error(), "hand-over dup failed; closing");
+                return;
+            }
+            // SAFETY: `dup` is a fresh descriptor owned by nobody else.
+            let fd = unsafe { OwnedFd::from_raw_fd(dup) };
+            shard.hand_over(fd, user, device, leftover);
+        }
+        Exit::Io(e) => {
+            tracing::debug!(shard = shard.id.0, slot, error = %e, "connection I/O error");
+            drop(stream);
+            shard.remove_conn(slot);
+        }
+        Exit::Closed | Exit::Eof => {
+            drop(stream);
+            shard.remove_conn(slot);
+        }
+    }
+}
+
+/// Writes `bytes` if the socket takes them at once; used to refuse a connection politely.
+pub fn send_best_effort(stream: &TcpStream, bytes: &[u8]) {
+    // SAFETY: plain non-blocking send on a valid fd; the result is deliberately ignored.
+    unsafe {
+        libc::send(
+            stream.as_raw_fd(),
+            bytes.as_ptr() as *const libc::c_void,
+            bytes.len(),
+            libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+        );
+    }
+}

@@ -1,0 +1,1141 @@
+//! One shard: a pinned glommio executor that owns a slice of users.
+//!
+//! A shard owns, for the users that hash to it: their sessions, their delivery windows, and
+//! their queues in the shard's own LMDB environment. It shares nothing with other shards: it
+//! reaches them only by [`Envelope`]s sent in batches over bounded `shared_channel`s.
+//!
+//! Tasks per shard, each in its own task queue so one kind of work cannot starve another:
+//! - `accept`: accepts on the shard's SO_REUSEPORT listener and spawns connection tasks;
+//! - `io`: one task per connection ([`super::conn`]);
+//! - `cross`: one drain task per peer shard (receives batches, handles them synchronously,
+//!   never awaits a send) and one flusher per peer shard (sends batches, never receives).
+//!   Keeping receive and send in separate tasks avoids glommio's channel deadlock (#555);
+//! - `store`: the group committer (one LMDB write transaction in flight at a time, run on the
+//!   blocking pool) and, with `sync = "batch"`, the periodic fsync;
+//! - `housekeeping`: the heartbeat (bounds glommio 0.9's executor stall, see
+//!   [`super::watchdog`]) and the timeout sweep.
+//!
+//! Must never: block the reactor on a write transaction, await a channel send inside a drain
+//! task, or hold a per-connection read buffer while a connection is idle.
+
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
+use std::future::Future;
+use std::os::fd::{FromRawFd, IntoRawFd, OwnedFd};
+use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::task::{Poll, Waker};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures_lite::future::poll_fn;
+use glommio::channels::shared_channel::{
+    ConnectedReceiver, ConnectedSender, SharedReceiver, SharedSender,
+};
+use glommio::net::{TcpListener, TcpStream};
+use glommio::{Latency, Shares, TaskQueueHandle};
+use hdrhistogram::Histogram;
+use slab::Slab;
+
+use super::conn::{self, Conn};
+use super::watchdog::Pulse;
+use super::{blocking, now_ms};
+use crate::config::SyncPolicy;
+use crate::ids::{owner_shard, DeviceId, ServerMsgId, ShardId, UserId, MSG_ID_COUNTER_BITS};
+use crate::limits;
+use crate::proto::{deliver_header, ErrorCode, GoAwayReason, ReceiptKind, ServerFrame};
+use crate::session::{Command, Handshake, InFlight, Phase, SessionParams, Step};
+use crate::store::{Item, Op, OpOutcome, QueueLimits, Store, StoreError};
+
+/// A batch of envelopes, the unit sent between shards.
+pub type Batch = Vec<Envelope>;
+
+/// Names one connection on one shard. The generation makes a stale reference (to a
+/// connection that closed and whose slot was reused) miss instead of hitting a stranger.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ConnRef {
+    /// Shard holding the connection.
+    pub shard: ShardId,
+    /// Slot in that shard's connection table.
+    pub slot: u32,
+    /// Generation of the connection in that slot.
+    pub gen: u32,
+}
+
+/// Work one shard hands another.
+#[derive(Debug)]
+pub enum Envelope {
+    /// A SEND, to the recipient's owner shard.
+    Send {
+        /// The sender's connection, for the answer.
+        from: ConnRef,
+        /// Sender.
+        sender: UserId,
+        /// Sender's device.
+        sender_device: DeviceId,
+        /// Client's id for the answer.
+        client_msg_id: u64,
+        /// Recipient.
+        recipient: UserId,
+        /// Opaque body.
+        body: Bytes,
+    },
+    /// The answer to a SEND, back to the sender's shard.
+    SendResult {
+        /// Sender's connection.
+        to: ConnRef,
+        /// Client's id.
+        client_msg_id: u64,
+        /// Server id and timestamp, or why it was refused.
+        result: Result<(ServerMsgId, u64), (ErrorCode, String)>,
+    },
+    /// A receipt to queue for `to`, on `to`'s owner shard.
+    Receipt {
+        /// The original sender, who receives the receipt.
+        to: UserId,
+        /// Delivered or read.
+        kind: ReceiptKind,
+        /// The original recipient.
+        from: UserId,
+        /// The original message.
+        msg_id: ServerMsgId,
+        /// When.
+        ts_ms: u64,
+    },
+    /// A connection logged in on the wrong shard, moving to its user's owner shard.
+    Handover {
+        /// The socket (a dup; the accepting shard closed its copy).
+        fd: OwnedFd,
+        /// Logged-in user.
+        user: UserId,
+        /// Logged-in device.
+        device: DeviceId,
+        /// Bytes the client sent after LOGIN that were not processed yet.
+        leftover: Vec<u8>,
+    },
+}
+
+/// Plain per-shard copies of the configuration the hot path needs.
+#[derive(Clone, Debug)]
+pub struct ShardConfig {
+    /// Largest frame.
+    pub max_frame_bytes: usize,
+    /// Idle timeout, ms.
+    pub idle_timeout_ms: u64,
+    /// Delivery window per device.
+    pub delivery_window: usize,
+    /// Outbound bytes per connection before it is a slow consumer.
+    pub outbound_bytes_max: usize,
+    /// Queue limits.
+    pub queue: QueueLimits,
+    /// Connections per shard.
+    pub max_connections: usize,
+    /// Store sync policy.
+    pub sync: SyncPolicy,
+    /// fsync period with `sync = batch`, ms.
+    pub sync_interval_ms: u64,
+    /// Heartbeat period, ms (0 = off).
+    pub heartbeat_ms: u64,
+}
+
+/// What a committed op must trigger.
+#[derive(Debug)]
+enum Completion {
+    None,
+    SendAck {
+        to: ConnRef,
+        client_msg_id: u64,
+        ts_ms: u64,
+    },
+}
+
+/// Counters of one shard. Plain cells: only the shard's own thread touches them.
+#[derive(Debug, Default)]
+pub struct ShardStats {
+    /// Connections accepted or adopted.
+    pub conns_opened: Cell<u64>,
+    /// Connections closed.
+    pub conns_closed: Cell<u64>,
+    /// Connections refused at the per-shard limit.
+    pub conns_refused: Cell<u64>,
+    /// Successful logins (counted on the shard that verified the token).
+    pub logins_ok: Cell<u64>,
+    /// Connections closed with a fatal protocol or auth error.
+    pub fatal_errors: Cell<u64>,
+    /// Connections handed over to another shard.
+    pub handovers_out: Cell<u64>,
+    /// Messages stored (acknowledged to their sender).
+    pub messages_accepted: Cell<u64>,
+    /// Messages refused (queue full or store failure).
+    pub messages_refused: Cell<u64>,
+    /// Items written to sockets (deliveries and receipts).
+    pub deliveries: Cell<u64>,
+    /// Receipts dropped because the sender's receipt allowance was full.
+    pub receipts_dropped: Cell<u64>,
+    /// Group commits.
+    pub commits: Cell<u64>,
+    /// Group commits that failed.
+    pub commit_failures: Cell<u64>,
+}
+
+/// A shard-to-shard outbox: envelopes waiting for the flusher task.
+struct Outbox {
+    queue: RefCell<Vec<Envelope>>,
+    waker: RefCell<Option<Waker>>,
+}
+
+/// Task queues of a shard.
+#[derive(Clone, Copy)]
+struct Queues {
+    accept: TaskQueueHandle,
+    io: TaskQueueHandle,
+    cross: TaskQueueHandle,
+    store: TaskQueueHandle,
+    housekeeping: TaskQueueHandle,
+}
+
+/// Everything a shard thread needs to start; `Send`, built by [`crate::server`].
+pub struct ShardSeed {
+    /// This shard.
+    pub id: ShardId,
+    /// Shards in the node.
+    pub shards: usize,
+    /// The shard's listening socket.
+    pub listener: OwnedFd,
+    /// The shard's store.
+    pub store: Store,
+    /// Epoch for message ids.
+    pub epoch: u16,
+    /// Senders to each other shard (`None` at this shard's own index).
+    pub senders: Vec<Option<SharedSender<Batch>>>,
+    /// Receivers from each other shard.
+    pub receivers: Vec<SharedReceiver<Batch>>,
+    /// State machine parameters.
+    pub params: SessionParams,
+    /// Hot-path configuration.
+    pub cfg: ShardConfig,
+    /// Every shard's pulse (own at `id`).
+    pub pulses: Vec<Arc<Pulse>>,
+    /// Set to stop the node.
+    pub stop: Arc<AtomicBool>,
+    /// Told once the shard serves (or failed to start).
+    pub ready: std::sync::mpsc::Sender<Result<(), String>>,
+}
+
+/// Reactor-local state of one shard.
+pub struct Shard {
+    /// This shard.
+    pub id: ShardId,
+    shards: usize,
+    /// Hot-path configuration.
+    pub cfg: ShardConfig,
+    /// State machine parameters.
+    pub params: SessionParams,
+    store: Store,
+    epoch: u16,
+    counter: Cell<u64>,
+    conns: RefCell<Slab<Rc<Conn>>>,
+    next_gen: Cell<u32>,
+    sessions: RefCell<HashMap<UserId, Vec<u32>>>,
+    outboxes: Vec<Outbox>,
+    pending: RefCell<Vec<(Op, Completion)>>,
+    committer_waker: RefCell<Option<Waker>>,
+    paused: RefCell<Vec<Waker>>,
+    /// Read buffer shared by every connection of the shard (idle connections hold none).
+    pub scratch: RefCell<Box<[u8]>>,
+    /// Counters.
+    pub stats: ShardStats,
+    /// Group commit latency, µs.
+    pub commit_us: RefCell<Histogram<u64>>,
+    /// Ops per group commit.
+    pub commit_ops: RefCell<Histogram<u64>>,
+    pulses: Vec<Arc<Pulse>>,
+    stop: Arc<AtomicBool>,
+    dirty: Cell<bool>,
+    committing: Cell<bool>,
+    queues: Queues,
+}
+
+/// Waits until `ready()` holds, parking the task in `slot` until someone wakes it.
+fn wait_until<'a>(
+    slot: &'a RefCell<Option<Waker>>,
+    mut ready: impl FnMut() -> bool + 'a,
+) -> impl Future<Output = ()> + 'a {
+    poll_fn(move |cx| {
+        if ready() {
+            return Poll::Ready(());
+        }
+        *slot.borrow_mut() = Some(cx.waker().clone());
+        Poll::Pending
+    })
+}
+
+fn wake(slot: &RefCell<Option<Waker>>) {
+    if let Some(w) = slot.borrow_mut().take() {
+        w.wake();
+    }
+}
+
+impl Shard {
+    /// Runs a shard on the current (glommio) thread until the node stops.
+    pub async fn run(seed: ShardSeed) {
+        let ex = glommio::executor();
+        let queues = Queues {
+            accept: ex.create_task_queue(Shares::Static(100), Latency::NotImportant, "accept"),
+            io: ex.create_task_queue(Shares::Static(1000), Latency::NotImportant, "io"),
+            cross: ex.create_task_queue(Shares::Static(1000), Latency::NotImportant, "cross"),
+            store: ex.create_task_queue(Shares::Static(500), Latency::NotImportant, "store"),
+            housekeeping: ex.create_task_queue(
+                Shares::Static(50),
+                Latency::Matters(Duration::from_millis(seed.cfg.heartbeat_ms.max(1))),
+                "housekeeping",
+            ),
+        };
+        let hist = || Histogram::new_with_bounds(1, 60_000_000, 2).expect("valid bounds");
+        let shard = Rc::new(Shard {
+            id: seed.id,
+            shards: seed.shards,
+            cfg: seed.cfg,
+            params: seed.params,
+            store: seed.store,
+            epoch: seed.epoch,
+            counter: Cell::new(0),
+            conns: RefCell::new(Slab::new()),
+            next_gen: Cell::new(0),
+            sessions: RefCell::new(HashMap::new()),
+            outboxes: (0..seed.shards)
+                .map(|_| Outbox {
+                    queue: RefCell::new(Vec::new()),
+                    waker: RefCell::new(None),
+                })
+                .collect(),
+            pending: RefCell::new(Vec::new()),
+            committer_waker: RefCell::new(None),
+            paused: RefCell::new(Vec::new()),
+            scratch: RefCell::new(vec![0u8; limits::READ_SCRATCH_BYTES].into_boxed_slice()),
+            stats: ShardStats::default(),
+            commit_us: RefCell::new(hist()),
+            commit_ops: RefCell::new(hist()),
+            pulses: seed.pulses,
+            stop: seed.stop,
+            dirty: Cell::new(false),
+            committing: Cell::new(false),
+            queues,
+        });
+        // SAFETY: the fd is a listening TCP socket we own; ownership moves into the listener.
+        let listener = unsafe { TcpListener::from_raw_fd(seed.listener.into_raw_fd()) };
+
+        let mut tasks = Vec::new();
+        for (peer, sender) in seed.senders.into_iter().enumerate() {
+            if let Some(sender) = sender {
+                let s = shard.clone();
+                tasks.push(glommio::spawn_local_into(
+                    async move { s.flusher(peer, sender.connect().await).await },
+                    queues.cross,
+                ));
+            }
+        }
+        for receiver in seed.receivers {
+            let s = shard.clone();
+            tasks.push(glommio::spawn_local_into(
+                async move { s.drain(receiver.connect().await).await },
+                queues.cross,
+            ));
+        }
+        let spawn = |fut, q| glommio::spawn_local_into(fut, q).expect("spawn shard task");
+        let s = shard.clone();
+        let committer = spawn(
+            Box::pin(async move { s.committer().await })
+                as std::pin::Pin<Box<dyn Future<Output = ()>>>,
+            queues.store,
+        );
+        let s = shard.clone();
+        let syncer = spawn(Box::pin(async move { s.syncer().await }), queues.store);
+        let s = shard.clone();
+        let heartbeat = spawn(
+            Box::pin(async move { s.heartbeat().await }),
+            queues.housekeeping,
+        );
+        let s = shard.clone();
+        let sweeper = spawn(
+            Box::pin(async move { s.sweeper().await }),
+            queues.housekeeping,
+        );
+        let s = shard.clone();
+        let acceptor = spawn(
+            Box::pin(async move { s.accept_loop(listener).await }),
+            queues.accept,
+        );
+        let cross: Vec<_> = tasks
+            .into_iter()
+            .map(|t| t.expect("spawn cross task").detach())
+            .collect();
+        let _ = seed.ready.send(Ok(()));
+        tracing::debug!(shard = shard.id.0, epoch = shard.epoch, "shard serving");
+
+        // Serve until told to stop.
+        while !shard.stop.load(Ordering::Relaxed) {
+            glommio::timer::sleep(Duration::from_millis(50)).await;
+        }
+        acceptor.cancel().await;
+        shard.shutdown().await;
+        for t in [sweeper, heartbeat, syncer, committer] {
+            t.cancel().await;
+        }
+        for t in cross {
+            t.cancel();
+        }
+    }
+
+    /// Stops a shard: GO_AWAY(shutdown) to every connection, commit everything pending,
+    /// fsync, and give connections a moment to flush.
+    async fn shutdown(self: &Rc<Self>) {
+        let conns: Vec<Rc<Conn>> = self.conns.borrow().iter().map(|(_, c)| c.clone()).collect();
+        for c in &conns {
+            self.go_away(c, GoAwayReason::Shutdown, "server shutting down");
+        }
+        let deadline = Instant::now() + Duration::from_millis(limits::SHUTDOWN_FLUSH_MS);
+        while (!self.pending.borrow().is_empty() || self.committing.get())
+            && Instant::now() < deadline
+        {
+            glommio::timer::sleep(Duration::from_millis(5)).await;
+        }
+        if !self.pending.borrow().is_empty() {
+            tracing::error!(shard = self.id.0, ops = self.pending.borrow().len(), "shutdown: store writes still pending at the deadline (none of them was acknowledged)");
+        }
+        let store = self.store.clone();
+        if let Err(e) = blocking(move || store.sync()).await {
+            tracing::error!(shard = self.id.0, error = %e, "shutdown: final sync failed");
+        }
+        let deadline = Instant::now() + Duration::from_millis(1_000);
+        while !self.conns.borrow().is_empty() && Instant::now() < deadline {
+            glommio::timer::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    // ---------------------------------------------------------------- connections
+
+    /// Adds a connection in `hs`'s phase; returns its slot and state.
+    pub fn insert_conn(&self, hs: Handshake, now_ms: u64) -> (u32, Rc<Conn>) {
+        let gen = self.next_gen.get().wrapping_add(1);
+        self.next_gen.set(gen);
+        let conn = Rc::new(Conn::new(gen, hs, now_ms));
+        let slot = self.conns.borrow_mut().insert(conn.clone());
+        self.stats
+            .conns_opened
+            .set(self.stats.conns_opened.get() + 1);
+        (u32::try_from(slot).expect("slot fits u32"), conn)
+    }
+
+    /// Removes a finished connection and its session entry.
+    pub fn remove_conn(&self, slot: u32) {
+        let conn = self.conns.borrow_mut().remove(slot as usize);
+        if let Phase::Active { user, .. } = conn.phase() {
+            let mut sessions = self.sessions.borrow_mut();
+            if let Some(list) = sessions.get_mut(&user) {
+                list.retain(|&s| s != slot);
+                if list.is_empty() {
+                    sessions.remove(&user);
+                }
+            }
+        }
+        self.stats
+            .conns_closed
+            .set(self.stats.conns_closed.get() + 1);
+    }
+
+    fn conn_at(&self, slot: u32) -> Option<Rc<Conn>> {
+        self.conns.borrow().get(slot as usize).cloned()
+    }
+
+    fn conn_by_ref(&self, r: ConnRef) -> Option<Rc<Conn>> {
+        debug_assert_eq!(r.shard, self.id);
+        self.conn_at(r.slot).filter(|c| c.gen == r.gen)
+    }
+
+    /// Whether new client input must wait: the store or an outbox is over its high-water mark.
+    pub fn backpressured(&self) -> bool {
+        self.pending.borrow().len() >= limits::PENDING_OPS_HIGH_WATER
+            || self
+                .outboxes
+                .iter()
+                .any(|o| o.queue.borrow().len() >= limits::OUTBOX_ENVELOPES_HIGH_WATER)
+    }
+
+    /// Parks a connection task until back-pressure eases.
+    pub fn park_reader(&self, waker: &Waker) {
+        self.paused.borrow_mut().push(waker.clone());
+    }
+
+    fn wake_paused(&self) {
+        if self.backpressured() {
+            return;
+        }
+        let paused = std::mem::take(&mut *self.paused.borrow_mut());
+        paused.into_iter().for_each(Waker::wake);
+    }
+
+    fn go_away(&self, conn: &Conn, reason: GoAwayReason, message: &str) {
+        conn.push_frame(&ServerFrame::GoAway {
+            reason,
+            message: message.to_string(),
+        });
+        conn.close();
+    }
+
+    /// Acts on one step of a connection's state machine.
+    pub fn apply_step(&self, slot: u32, conn: &Rc<Conn>, step: Step, now_ms: u64) {
+        match step {
+            Step::Reply(frame) => conn.push_frame(&frame),
+            Step::Fatal(frame) => {
+                if let ServerFrame::Error { code, message, .. } = &frame {
+                    tracing::debug!(shard = self.id.0, slot, code, %message, "closing connection on fatal error");
+                }
+                self.stats
+                    .fatal_errors
+                    .set(self.stats.fatal_errors.get() + 1);
+                conn.push_frame(&frame);
+                conn.close();
+            }
+            Step::LoggedIn { user, device } => {
+                self.stats.logins_ok.set(self.stats.logins_ok.get() + 1);
+                if owner_shard(user, self.shards) == self.id {
+                    self.register_session(slot, conn, user, device);
+                } else {
+                    conn.start_handover(user, device);
+                }
+            }
+            Step::Command(cmd) => {
+                if let Phase::Active { user, device } = conn.phase() {
+                    self.handle_command(slot, conn, user, device, cmd, now_ms);
+                }
+            }
+        }
+    }
+
+    /// Makes `conn` the session of (user, device) on this (owner) shard: replaces an older
+    /// session of the same device, answers LOGIN_OK and starts delivering the queue.
+    fn register_session(&self, slot: u32, conn: &Rc<Conn>, user: UserId, device: DeviceId) {
+        let replaced: Vec<u32> = {
+            let mut sessions = self.sessions.borrow_mut();
+            let list = sessions.entry(user).or_default();
+            let conns = self.conns.borrow();
+            let (old, keep): (Vec<u32>, Vec<u32>) = list
+                .iter()
+                .partition(|&&s| matches!(conns.get(s as usize).map(|c| c.phase()), Some(Phase::Active { device: d, .. }) if d == device));
+            *list = keep;
+            list.push(slot);
+            old
+        };
+        for old in replaced {
+            if let Some(c) = self.conn_at(old) {
+                self.go_away(
+                    &c,
+                    GoAwayReason::Replaced,
+                    "replaced by a newer login of this device",
+                );
+            }
+        }
+        conn.push_frame(&ServerFrame::LoginOk { user, device });
+        self.pull(conn, user);
+    }
+
+    /// Adopts a connection handed over by another shard.
+    fn adopt(self: &Rc<Self>, fd: OwnedFd, user: UserId, device: DeviceId, leftover: Vec<u8>) {
+        debug_assert_eq!(owner_shard(user, self.shards), self.id);
+        let now = now_ms();
+        // SAFETY: `fd` is a connected TCP socket whose ownership moves into the stream.
+        let stream = unsafe { TcpStream::from_raw_fd(fd.into_raw_fd()) };
+        let (slot, conn) = self.insert_conn(Handshake::active(user, device, now), now);
+        conn.set_partial(leftover);
+        self.register_session(slot, &conn, user, device);
+        self.spawn_conn(stream, slot, conn);
+    }
+
+    fn spawn_conn(self: &Rc<Self>, stream: TcpStream, slot: u32, conn: Rc<Conn>) {
+        let s = self.clone();
+        match glommio::spawn_local_into(conn::serve(s, stream, slot, conn), self.queues.io) {
+            Ok(t) => t.detach(),
+            Err(e) => {
+                tracing::error!(shard = self.id.0, error = %e, "cannot spawn connection task");
+                self.remove_conn(slot);
+                return;
+            }
+        };
+    }
+
+    /// Called by a connection task that finished its login here but belongs to another shard.
+    pub fn hand_over(&self, fd: OwnedFd, user: UserId, device: DeviceId, leftover: Vec<u8>) {
+        self.stats
+            .handovers_out
+            .set(self.stats.handovers_out.get() + 1);
+        let owner = owner_shard(user, self.shards);
+        self.route(
+            owner,
+            Envelope::Handover {
+                fd,
+                user,
+                device,
+                leftover,
+            },
+        );
+    }
+
+    // ---------------------------------------------------------------- commands
+
+    fn handle_command(
+        &self,
+        slot: u32,
+        conn: &Rc<Conn>,
+        user: UserId,
+        device: DeviceId,
+        cmd: Command,
+        now_ms: u64,
+    ) {
+        match cmd {
+            Command::Send {
+                client_msg_id,
+                recipient,
+                body,
+            } => {
+                if recipient.0 == 0 {
+                    conn.push_frame(&ServerFrame::error(
+                        ErrorCode::BadRecipient,
+                        client_msg_id,
+                        "recipient 0 is not a user",
+                    ));
+                    return;
+                }
+                conn.send_started();
+                let from = ConnRef {
+                    shard: self.id,
+                    slot,
+                    gen: conn.gen,
+                };
+                let env = Envelope::Send {
+                    from,
+                    sender: user,
+                    sender_device: device,
+                    client_msg_id,
+                    recipient,
+                    body,
+                };
+                self.route(owner_shard(recipient, self.shards), env);
+            }
+            Command::Ack { ids } => {
+                for id in ids {
+                    match conn.acked(id) {
+                        None => conn.push_frame(&ServerFrame::error(
+                            ErrorCode::UnknownAck,
+                            id.0,
+                            format!(
+                                "id {} is not awaiting acknowledgement on this connection",
+                                id.0
+                            ),
+                        )),
+                        Some(f) => {
+                            self.enqueue_op(Op::Delete { user, id }, Completion::None);
+                            if let Some(sender) = f.receipt_to {
+                                let env = Envelope::Receipt {
+                                    to: sender,
+                                    kind: ReceiptKind::Delivered,
+                                    from: user,
+                                    msg_id: id,
+                                    ts_ms: now_ms,
+                                };
+                                self.route(owner_shard(sender, self.shards), env);
+                            }
+                        }
+                    }
+                }
+                if !conn.caught_up() {
+                    self.pull(conn, user);
+                }
+            }
+            Command::Read { sender, ids } => {
+                if sender.0 == 0 {
+                    conn.push_frame(&ServerFrame::error(
+                        ErrorCode::BadRecipient,
+                        0,
+                        "sender 0 is not a user",
+                    ));
+                    return;
+                }
+                for msg_id in ids {
+                    let env = Envelope::Receipt {
+                        to: sender,
+                        kind: ReceiptKind::Read,
+                        from: user,
+                        msg_id,
+                        ts_ms: now_ms,
+                    };
+                    self.route(owner_shard(sender, self.shards), env);
+                }
+            }
+        }
+    }
+
+    // ---------------------------------------------------------------- routing
+
+    /// Sends `env` to shard `dest` (handled at once if that is this shard).
+    fn route(&self, dest: ShardId, env: Envelope) {
+        if dest == self.id {
+            self.handle_envelope(env);
+            return;
+        }
+        let outbox = &self.outboxes[dest.index()];
+        outbox.queue.borrow_mut().push(env);
+        wake(&outbox.waker);
+    }
+
+    /// Handles one envelope from another shard (or this one). Synchronous: never awaits.
+    fn handle_envelope(&self, env: Envelope) {
+        match env {
+            Envelope::Send {
+                from,
+                sender,
+                sender_device,
+                client_msg_id,
+                recipient,
+                body,
+            } => {
+                let id = self.next_msg_id();
+                let ts_ms = now_ms();
+                let item = Item::Message {
+                    sender,
+                    sender_device,
+                    ts_ms,
+                    body,
+                };
+                self.enqueue_op(
+                    Op::Append {
+                        user: recipient,
+                        id,
+                        item,
+                    },
+                    Completion::SendAck {
+                        to: from,
+                        client_msg_id,
+                        ts_ms,
+                    },
+                );
+            }
+            Envelope::SendResult {
+                to,
+                client_msg_id,
+                result,
+            } => {
+                let Some(conn) = self.conn_by_ref(to) else {
+                    return; // Sender gone: it retries after reconnecting (at-least-once).
+                };
+                conn.send_finished();
+                let frame = match result {
+                    Ok((server_msg_id, server_ts_ms)) => ServerFrame::SendAck {
+                        client_msg_id,
+                        server_msg_id,
+                        server_ts_ms,
+                    },
+                    Err((code, message)) => ServerFrame::error(code, client_msg_id, message),
+                };
+                conn.push_frame(&frame);
+            }
+            Envelope::Receipt {
+                to,
+                kind,
+                from,
+                msg_id,
+                ts_ms,
+            } => {
+                let id = self.next_msg_id();
+                self.enqueue_op(
+                    Op::Append {
+                        user: to,
+                        id,
+                        item: Item::Receipt {
+                            kind,
+                            from,
+                            msg_id,
+                            ts_ms,
+                        },
+                    },
+                    Completion::None,
+                );
+            }
+            Envelope::Handover { .. } => unreachable!("handovers arrive through drain tasks"),
+        }
+    }
+
+    fn next_msg_id(&self) -> ServerMsgId {
+        let c = self.counter.get();
+        // 2^36 ids per shard per start; past that we refuse to wrap (ids must increase).
+        assert!(
+            c < (1 << MSG_ID_COUNTER_BITS),
+            "message id counter exhausted: restart the node to begin a new epoch"
+        );
+        self.counter.set(c + 1);
+        ServerMsgId::compose(self.epoch, self.id, c)
+    }
+
+    async fn flusher(self: Rc<Self>, peer: usize, sender: ConnectedSender<Batch>) {
+        let outbox = &self.outboxes[peer];
+        loop {
+            wait_until(&outbox.waker, || !outbox.queue.borrow().is_empty()).await;
+            let batch: Batch = {
+                let mut q = outbox.queue.borrow_mut();
+                let n = q.len().min(limits::BATCH_ENVELOPES_MAX);
+                q.drain(..n).collect()
+            };
+            let n = batch.len() as u64;
+            self.pulses[peer]
+                .envelopes_in
+                .fetch_add(n, Ordering::Relaxed);
+            // Awaiting here is the back-pressure point; this task never receives.
+            if sender.send(batch).await.is_err() {
+                tracing::debug!(shard = self.id.0, peer, "peer shard gone; flusher stops");
+                return;
+            }
+            self.wake_paused();
+        }
+    }
+
+    async fn drain(self: Rc<Self>, receiver: ConnectedReceiver<Batch>) {
+        let pulse = self.pulses[self.id.index()].clone();
+        while let Some(batch) = receiver.recv().await {
+            let n = batch.len() as u64;
+            for env in batch {
+                match env {
+                    Envelope::Handover {
+                        fd,
+                        user,
+                        device,
+                        leftover,
+                    } => self.adopt(fd, user, device, leftover),
+                    other => self.handle_envelope(other),
+                }
+            }
+            pulse.envelopes_done.fetch_add(n, Ordering::Relaxed);
+        }
+    }
+
+    // ---------------------------------------------------------------- delivery
+
+    /// Feeds `conn` from the store until its window is full or the queue is exhausted.
+    fn pull(&self, conn: &Rc<Conn>, user: UserId) {
+        let room = conn.room(self.cfg.delivery_window);
+        if room == 0 || conn.is_closing() {
+            return;
+        }
+        match self.store.read_queue(user, conn.cursor(), room) {
+            Ok(items) => {
+                let n = items.len();
+                for (id, item) in &items {
+                    self.deliver(conn, *id, item);
+                }
+                conn.set_caught_up(n < room);
+            }
+            Err(e) => {
+                tracing::error!(shard = self.id.0, %user, error = %e, "reading queue failed");
+                conn.push_frame(&ServerFrame::error(
+                    ErrorCode::Internal,
+                    0,
+                    "cannot read your queue; reconnect later",
+                ));
+                conn.close();
+            }
+        }
+    }
+
+    fn deliver(&self, conn: &Conn, id: ServerMsgId, item: &Item) {
+        match item {
+            Item::Message {
+                sender,
+                sender_device,
+                ts_ms,
+                body,
+            } => {
+                let header = deliver_header(id, *sender, *sender_device, *ts_ms, body.len());
+                conn.push_bytes(Bytes::copy_from_slice(&header));
+                conn.push_bytes(body.clone());
+                conn.delivered(InFlight {
+                    id,
+                    receipt_to: Some(*sender),
+                });
+            }
+            Item::Receipt {
+                kind,
+                from,
+                msg_id,
+                ts_ms,
+            } => {
+                conn.push_frame(&ServerFrame::Receipt {
+                    receipt_id: id,
+                    kind: *kind,
+                    from: *from,
+                    server_msg_id: *msg_id,
+                    ts_ms: *ts_ms,
+                });
+                conn.delivered(InFlight {
+                    id,
+                    receipt_to: None,
+                });
+            }
+        }
+        self.stats.deliveries.set(self.stats.deliveries.get() + 1);
+    }
+
+    /// After a commit: hands a just-stored item to the user's online devices that are caught
+    /// up, and makes the others pull it from the store.
+    fn deliver_live(&self, user: UserId, id: ServerMsgId, item: &Item) {
+        let slots: Vec<u32> = match self.sessions.borrow().get(&user) {
+            Some(list) => list.clone(),
+            None => return,
+        };
+        for slot in slots {
+            let Some(conn) = self.conn_at(slot) else {
+                continue;
+            };
+            if conn.cursor().is_some_and(|c| id <= c) || conn.is_closing() {
+                continue; // Already delivered by a pull that saw the committed item.
+            }
+            if conn.caught_up() && conn.room(self.cfg.delivery_window) > 0 {
+                self.deliver(&conn, id, item);
+            } else {
+                conn.set_caught_up(false);
+                self.pull(&conn, user);
+            }
+        }
+    }
+
+    // ---------------------------------------------------------------- store
+
+    fn enqueue_op(&self, op: Op, completion: Completion) {
+        self.pending.borrow_mut().push((op, completion));
+        wake(&self.committer_waker);
+    }
+
+    /// Group commit: one write transaction in flight at a time, on the blocking pool; while
+    /// it runs, new ops gather for the next one.
+    async fn committer(self: Rc<Self>) {
+        loop {
+            wait_until(&self.committer_waker, || !self.pending.borrow().is_empty()).await;
+            let batch: Vec<(Op, Completion)> = {
+                let mut p = self.pending.borrow_mut();
+                let n = p.len().min(limits::COMMIT_OPS_MAX);
+                p.drain(..n).collect()
+            };
+            let (ops, completions): (Vec<Op>, Vec<Completion>) = batch.into_iter().unzip();
+            let store = self.store.clone();
+            let limits = self.cfg.queue;
+            let started = Instant::now();
+            self.committing.set(true);
+            let (ops, result) = blocking(move || {
+                let r = store.apply(&ops, limits);
+                (ops, r)
+            })
+            .await;
+            self.committing.set(false);
+            let _ = self
+                .commit_us
+                .borrow_mut()
+                .record(started.elapsed().as_micros() as u64);
+            let _ = self.commit_ops.borrow_mut().record(ops.len() as u64);
+            self.stats.commits.set(self.stats.commits.get() + 1);
+            self.dirty.set(true);
+            self.complete(ops, completions, result);
+            self.wake_paused();
+        }
+    }
+
+    fn complete(
+        &self,
+        ops: Vec<Op>,
+        completions: Vec<Completion>,
+        result: Result<Vec<OpOutcome>, StoreError>,
+    ) {
+        let answer = |to: ConnRef, client_msg_id, result| {
+            self.route(
+                to.shard,
+                Envelope::SendResult {
+                    to,
+                    client_msg_id,
+                    result,
+                },
+            );
+        };
+        match result {
+            Ok(outcomes) => {
+                for ((op, completion), outcome) in ops.into_iter().zip(completions).zip(outcomes) {
+                    match (op, outcome) {
+                        (Op::Append { user, id, item }, OpOutcome::Appended) => {
+                            if let Completion::SendAck {
+                                to,
+                                client_msg_id,
+                                ts_ms,
+                            } = completion
+                            {
+                                self.stats
+                                    .messages_accepted
+                                    .set(self.stats.messages_accepted.get() + 1);
+                                answer(to, client_msg_id, Ok((id, ts_ms)));
+                            }
+                            self.deliver_live(user, id, &item);
+                        }
+                        (Op::Append { user, .. }, OpOutcome::QueueFull) => match completion {
+                            Completion::SendAck {
+                                to, client_msg_id, ..
+                            } => {
+                                self.stats
+                                    .messages_refused
+                                    .set(self.stats.messages_refused.get() + 1);
+                                answer(
+                                    to,
+                                    client_msg_id,
+                                    Err((
+                                        ErrorCode::QueueFull,
+                                        format!("offline queue of user {user} is full"),
+                                    )),
+                                );
+                            }
+                            Completion::None => {
+                                self.stats
+                                    .receipts_dropped
+                                    .set(self.stats.receipts_dropped.get() + 1);
+                                tracing::debug!(shard = self.id.0, %user, "receipt dropped: receipt allowance full");
+                            }
+                        },
+                        (Op::Delete { .. }, _) | (Op::Append { .. }, OpOutcome::Deleted(_)) => {}
+                    }
+                }
+            }
+            Err(e) => {
+                self.stats
+                    .commit_failures
+                    .set(self.stats.commit_failures.get() + 1);
+                tracing::error!(shard = self.id.0, error = %e, ops = completions.len(), "group commit failed; refusing its sends");
+                for completion in completions {
+                    if let Completion::SendAck {
+                        to, client_msg_id, ..
+                    } = completion
+                    {
+                        self.stats
+                            .messages_refused
+                            .set(self.stats.messages_refused.get() + 1);
+                        answer(
+                            to,
+                            client_msg_id,
+                            Err((ErrorCode::StoreFailed, format!("message not stored: {e}"))),
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    /// With `sync = "batch"`: fsync every interval if anything was committed.
+    async fn syncer(self: Rc<Self>) {
+        if self.cfg.sync != SyncPolicy::Batch {
+            return;
+        }
+        loop {
+            glommio::timer::sleep(Duration::from_millis(self.cfg.sync_interval_ms)).await;
+            if self.dirty.replace(false) {
+                let store = self.store.clone();
+                if let Err(e) = blocking(move || store.sync()).await {
+                    tracing::error!(shard = self.id.0, error = %e, "periodic sync failed");
+                }
+            }
+        }
+    }
+
+    // ---------------------------------------------------------------- housekeeping
+
+    /// Wakes the executor every `heartbeat_ms` so that glommio 0.9's park-with-work-queued bug
+    /// (see `watchdog.rs`) lasts at most one period, and publishes a beat for the watchdog.
+    async fn heartbeat(self: Rc<Self>) {
+        if self.cfg.heartbeat_ms == 0 {
+            return;
+        }
+        let pulse = self.pulses[self.id.index()].clone();
+        loop {
+            glommio::timer::sleep(Duration::from_millis(self.cfg.heartbeat_ms)).await;
+            pulse.beats.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Enforces login and idle timeouts and the close grace period.
+    async fn sweeper(self: Rc<Self>) {
+        loop {
+            glommio::timer::sleep(Duration::from_millis(limits::SWEEP_INTERVAL_MS)).await;
+            let now = now_ms();
+            let conns: Vec<Rc<Conn>> = self.conns.borrow().iter().map(|(_, c)| c.clone()).collect();
+            for c in conns {
+                if let Some(closing_since) = c.closing_since() {
+                    if now.saturating_sub(closing_since) >= limits::CLOSE_GRACE_MS {
+                        c.abort();
+                    }
+                    continue;
+                }
+                if let Some(step) = c.check_login_timeout(now, &self.params) {
+                    self.stats
+                        .fatal_errors
+                        .set(self.stats.fatal_errors.get() + 1);
+                    if let Step::Fatal(frame) = step {
+                        c.push_frame(&frame);
+                    }
+                    c.close();
+                } else if matches!(c.phase(), Phase::Active { .. })
+                    && now.saturating_sub(c.last_rx_ms()) >= self.cfg.idle_timeout_ms
+                {
+                    self.go_away(&c, GoAwayReason::Idle, "no frame within the idle timeout");
+                }
+            }
+        }
+    }
+
+    async fn accept_loop(self: Rc<Self>, listener: TcpListener) {
+        let mut last_warn: Option<Instant> = None;
+        loop {
+            match listener.accept().await {
+                Ok(stream) => {
+                    if self.conns.borrow().len() >= self.cfg.max_connections {
+                        self.stats
+                            .conns_refused
+                            .set(self.stats.conns_refused.get() + 1);
+                        let frame = ServerFrame::error(
+                            ErrorCode::Overloaded,
+                            0,
+                            "server is at its connection limit; retry later",
+                        )
+                        .to_bytes();
+                        conn::send_best_effort(&stream, &frame);
+                        continue;
+                    }
+                    let now = now_ms();
+                    let (slot, conn) = self.insert_conn(Handshake::new(now), now);
+                    self.spawn_conn(stream, slot, conn);
+                }
+                Err(e) => {
+                    let e = std::io::Error::from(e);
+                    // Out of descriptors or memory: back off instead of spinning; accepting
+                    // resumes once connections close.
+                    let exhausted = matches!(
+                        e.raw_os_error(),
+                        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
+                    );
+                    if last_warn.is_none_or(|t| t.elapsed() > Duration::from_secs(5)) {
+                        tracing::warn!(shard = self.id.0, error = %e, "accept failed");
+                        last_warn = Some(Instant::now());
+                    }
+                    let backoff = if exhausted { 50 } else { 5 };
+                    glommio::timer::sleep(Duration::from_millis(backoff)).await;
+                }
+            }
+        }
+    }
+
+    /// Connections on this shard now.
+    pub fn connection_count(&self) -> usize {
+        self.conns.borrow().len()
+    }
+}

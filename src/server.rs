@@ -1,0 +1,212 @@
+//! Starting and stopping a node: every shard of one process.
+//!
+//! [`start`] validates the configuration, opens each shard's store (bumping its epoch),
+//! binds the SO_REUSEPORT listeners, wires the shard-to-shard channels, spawns one pinned
+//! glommio executor per shard and a watchdog thread, and returns once every shard serves.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use anyhow::{bail, Context as _};
+use glommio::channels::shared_channel::{self, SharedReceiver, SharedSender};
+use glommio::{LocalExecutorBuilder, Placement, PoolPlacement};
+
+use crate::config::Config;
+use crate::ids::ShardId;
+use crate::limits;
+use crate::runtime::listener::bind_reuseport;
+use crate::runtime::shard::{Batch, Shard, ShardConfig, ShardSeed};
+use crate::runtime::watchdog::{self, Pulse};
+use crate::session::SessionParams;
+use crate::store::{QueueLimits, Store};
+
+/// A running node.
+pub struct ServerHandle {
+    /// Address the listeners are bound to (the real port when configured with port 0).
+    pub local_addr: SocketAddr,
+    stop: Arc<AtomicBool>,
+    shards: Vec<glommio::ExecutorJoinHandle<()>>,
+    watchdog: Option<std::thread::JoinHandle<()>>,
+    pulses: Vec<Arc<Pulse>>,
+}
+
+impl ServerHandle {
+    /// The flag that stops the node when set (for signal handlers).
+    pub fn stop_flag(&self) -> Arc<AtomicBool> {
+        self.stop.clone()
+    }
+
+    /// Per-shard progress counters (heartbeats, envelopes, stalls).
+    pub fn pulses(&self) -> &[Arc<Pulse>] {
+        &self.pulses
+    }
+
+    /// Asks every shard to stop (GO_AWAY, commit, sync) and waits for them.
+    pub fn shutdown(self) -> anyhow::Result<()> {
+        self.stop.store(true, Ordering::Relaxed);
+        self.wait()
+    }
+
+    /// Waits until the node stops (after [`ServerHandle::stop_flag`] is set).
+    pub fn wait(mut self) -> anyhow::Result<()> {
+        let mut failed = Vec::new();
+        for (i, h) in self.shards.drain(..).enumerate() {
+            if let Err(e) = h.join() {
+                failed.push(format!("shard {i}: {e}"));
+            }
+        }
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(w) = self.watchdog.take() {
+            let _ = w.join();
+        }
+        if !failed.is_empty() {
+            bail!("shards failed: {}", failed.join("; "));
+        }
+        Ok(())
+    }
+}
+
+impl Drop for ServerHandle {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+/// CPUs this process may run on (its affinity mask), in order.
+pub fn allowed_cpus() -> Vec<usize> {
+    // SAFETY: cpu_set_t is plain data; sched_getaffinity fills it for this thread.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        if libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) != 0 {
+            return (0..std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1))
+                .collect();
+        }
+        (0..libc::CPU_SETSIZE as usize)
+            .filter(|&c| libc::CPU_ISSET(c, &set))
+            .collect()
+    }
+}
+
+/// Starts a node on `config`; returns once every shard is serving.
+pub fn start(config: Config) -> anyhow::Result<ServerHandle> {
+    config.validate()?;
+    let shards = config.shard_count();
+    let keys = config.token_keys().context("loading token keys")?;
+    let params = SessionParams {
+        keys,
+        max_frame_bytes: config.limits.max_frame_bytes,
+        idle_timeout_ms: config.limits.idle_timeout_ms,
+        login_timeout_ms: config.limits.login_timeout_ms,
+    };
+    let cfg = ShardConfig {
+        max_frame_bytes: config.limits.max_frame_bytes,
+        idle_timeout_ms: config.limits.idle_timeout_ms,
+        delivery_window: config.limits.delivery_window,
+        outbound_bytes_max: config.limits.outbound_bytes_max,
+        queue: QueueLimits {
+            messages_max: config.limits.queue_messages_max,
+            receipts_max: config
+                .limits
+                .queue_messages_max
+                .saturating_mul(limits::QUEUE_RECEIPTS_FACTOR),
+        },
+        max_connections: config.server.max_connections_per_shard,
+        sync: config.store.sync,
+        sync_interval_ms: config.store.sync_interval_ms,
+        heartbeat_ms: config.runtime.heartbeat_ms,
+    };
+
+    let mut opened = Vec::with_capacity(shards);
+    for i in 0..shards {
+        let o = Store::open(
+            &config.store.data_dir,
+            ShardId(i as u16),
+            shards,
+            config.store.map_size_mib,
+            config.store.sync,
+        )?;
+        opened.push(o);
+    }
+    let (listeners, local_addr) =
+        bind_reuseport(config.server.listen, shards, config.server.backlog)
+            .with_context(|| format!("binding {}", config.server.listen))?;
+
+    // One SPSC channel per ordered pair of shards.
+    let mut senders: Vec<Vec<Option<SharedSender<Batch>>>> = (0..shards)
+        .map(|_| (0..shards).map(|_| None).collect())
+        .collect();
+    let mut receivers: Vec<Vec<SharedReceiver<Batch>>> = (0..shards).map(|_| Vec::new()).collect();
+    for (src, row) in senders.iter_mut().enumerate() {
+        for (dst, slot) in row.iter_mut().enumerate() {
+            if src != dst {
+                let (tx, rx) = shared_channel::new_bounded(limits::CHANNEL_BATCHES_DEFAULT);
+                *slot = Some(tx);
+                receivers[dst].push(rx);
+            }
+        }
+    }
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let pulses: Vec<Arc<Pulse>> = (0..shards).map(|_| Arc::new(Pulse::default())).collect();
+    let cpus = allowed_cpus();
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let mut handles = Vec::with_capacity(shards);
+    let seeds = opened
+        .into_iter()
+        .zip(listeners)
+        .zip(senders)
+        .zip(receivers)
+        .enumerate();
+    for (i, (((o, listener), senders), receivers)) in seeds {
+        let seed = ShardSeed {
+            id: ShardId(i as u16),
+            shards,
+            listener,
+            store: o.store,
+            epoch: o.epoch,
+            senders,
+            receivers,
+            params: params.clone(),
+            cfg: cfg.clone(),
+            pulses: pulses.clone(),
+            stop: stop.clone(),
+            ready: ready_tx.clone(),
+        };
+        let cpu = cpus[(config.server.first_cpu + i) % cpus.len()];
+        // Placement::Fixed pins the thread before the reactor allocates, so core_affinity is
+        // not needed. The blocking pool (LMDB commits) is left unbound so the kernel can run a
+        // commit on whichever core is idle.
+        let handle = LocalExecutorBuilder::new(Placement::Fixed(cpu))
+            .name(&format!("gatehouse-shard-{i}"))
+            .io_memory(config.runtime.io_memory_kib * 1024)
+            .ring_depth(config.runtime.ring_depth)
+            .blocking_thread_pool_placement(PoolPlacement::Unbound(1))
+            .spawn(move || Shard::run(seed))
+            .map_err(|e| anyhow::anyhow!("starting shard {i} on CPU {cpu}: {e}"))?;
+        handles.push(handle);
+    }
+    drop(ready_tx);
+    for _ in 0..shards {
+        match ready_rx.recv() {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => bail!("shard failed to start: {e}"),
+            Err(_) => bail!("a shard exited during start (see log)"),
+        }
+    }
+    let watchdog = watchdog::spawn(
+        pulses.clone(),
+        config.runtime.stall_threshold_ms,
+        stop.clone(),
+    );
+    tracing::info!(%local_addr, shards, data_dir = %config.store.data_dir.display(), sync = ?config.store.sync, "gatehouse serving");
+    Ok(ServerHandle {
+        local_addr,
+        stop,
+        shards: handles,
+        watchdog: Some(watchdog),
+        pulses,
+    })
+}

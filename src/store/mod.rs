@@ -1,0 +1,602 @@
+//! The offline store: one LMDB environment per shard holding each user's queue in order.
+//!
+//! Owns the on-disk layout and the blocking write path. Every function that writes is
+//! blocking and must run off the reactor thread (the runtime's committer does that inside one
+//! `spawn_blocking` closure, because LMDB ties a write transaction to a thread). Reads are
+//! lock-free MVCC snapshots and bounded by the caller.
+//!
+//! Layout of `<data_dir>/shard-<i>/` (databases inside one environment):
+//! - `queue`: `user:u64 BE | id:u64 BE` → encoded [`Item`]. Ids increase per shard, so a
+//!   user's keys sort in arrival order.
+//! - `meta`: `"layout"` → `shard:u16 shards:u16`; `"epoch"` → `u16`;
+//!   `'c' | user:u64` → `messages:u32 receipts:u32` (queue counts for the per-user limit).
+
+use std::path::{Path, PathBuf};
+
+use bytes::Bytes;
+use heed::types::Bytes as RawBytes;
+use heed::{CommitOrAbort, Database, Env, EnvFlags, EnvOpenOptions};
+use thiserror::Error;
+
+use crate::config::SyncPolicy;
+use crate::ids::{DeviceId, ServerMsgId, ShardId, UserId};
+use crate::proto::ReceiptKind;
+
+/// A store failure. Every one is an environment problem (disk, permissions, full map), not a
+/// peer's fault: the affected sends are refused with STORE_FAILED and nothing is acknowledged.
+#[derive(Debug, Error)]
+pub enum StoreError {
+    /// LMDB or file-system error.
+    #[error("LMDB error in {path}: {source}")]
+    Lmdb {
+        /// Environment path.
+        path: PathBuf,
+        /// Cause.
+        source: heed::Error,
+    },
+    /// The data directory was written by a node with a different shard layout.
+    #[error(
+        "{path} belongs to shard {found_shard} of {found_shards}, but this node runs shard \
+         {shard} of {shards}; start with server.shards = {found_shards} (resharding an existing \
+         data directory is not supported yet)"
+    )]
+    LayoutMismatch {
+        /// Environment path.
+        path: PathBuf,
+        /// Recorded shard.
+        found_shard: u16,
+        /// Recorded shard count.
+        found_shards: u16,
+        /// Requested shard.
+        shard: u16,
+        /// Requested shard count.
+        shards: u16,
+    },
+    /// A stored value does not decode: the file is damaged or from an unknown version.
+    #[error("corrupt record in {path}: {why}")]
+    Corrupt {
+        /// Environment path.
+        path: PathBuf,
+        /// What is wrong.
+        why: &'static str,
+    },
+}
+
+/// What a user's queue holds.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Item {
+    /// A chat message.
+    Message {
+        /// Sender.
+        sender: UserId,
+        /// Sender's device.
+        sender_device: DeviceId,
+        /// Server timestamp, ms since the Unix epoch.
+        ts_ms: u64,
+        /// Opaque body, shared (not copied) between the pending batch and live delivery.
+        body: Bytes,
+    },
+    /// A receipt for a message this user sent.
+    Receipt {
+        /// Delivered or read.
+        kind: ReceiptKind,
+        /// The original message's recipient.
+        from: UserId,
+        /// The original message's id.
+        msg_id: ServerMsgId,
+        /// When it was delivered or read.
+        ts_ms: u64,
+    },
+}
+
+const ITEM_MESSAGE: u8 = 1;
+const ITEM_RECEIPT: u8 = 2;
+
+impl Item {
+    /// Encodes for storage.
+    pub fn encode(&self) -> Vec<u8> {
+        match self {
+            Item::Message {
+                sender,
+                sender_device,
+                ts_ms,
+                body,
+            } => {
+                let mut v = Vec::with_capacity(21 + body.len());
+                v.push(ITEM_MESSAGE);
+                v.extend_from_slice(&sender.0.to_be_bytes());
+                v.extend_from_slice(&sender_device.0.to_be_bytes());
+                v.extend_from_slice(&ts_ms.to_be_bytes());
+                v.extend_from_slice(body);
+                v
+            }
+            Item::Receipt {
+                kind,
+                from,
+                msg_id,
+                ts_ms,
+            } => {
+                let mut v = Vec::with_capacity(26);
+                v.push(ITEM_RECEIPT);
+                v.push(*kind as u8);
+                v.extend_from_slice(&from.0.to_be_bytes());
+                v.extend_from_slice(&msg_id.0.to_be_bytes());
+                v.extend_from_slice(&ts_ms.to_be_bytes());
+                v
+            }
+        }
+    }
+
+    /// Decodes a stored value.
+    pub fn decode(v: &[u8]) -> Option<Item> {
+        let u64_at = |i: usize| {
+            v.get(i..i + 8)
+                .map(|b| u64::from_be_bytes(b.try_into().expect("8 bytes")))
+        };
+        match *v.first()? {
+            ITEM_MESSAGE if v.len() >= 21 => Some(Item::Message {
+                sender: UserId(u64_at(1)?),
+                sender_device: DeviceId(u32::from_be_bytes(v[9..13].try_into().ok()?)),
+                ts_ms: u64_at(13)?,
+                body: Bytes::copy_from_slice(&v[21..]),
+            }),
+            ITEM_RECEIPT if v.len() == 26 => Some(Item::Receipt {
+                kind: ReceiptKind::from_u8(v[1])?,
+                from: UserId(u64_at(2)?),
+                msg_id: ServerMsgId(u64_at(10)?),
+                ts_ms: u64_at(18)?,
+            }),
+            _ => None,
+        }
+    }
+
+    fn is_receipt(&self) -> bool {
+        matches!(self, Item::Receipt { .. })
+    }
+}
+
+/// One write in a group commit.
+#[derive(Clone, Debug)]
+pub enum Op {
+    /// Append `item` to `user`'s queue under `id`, unless the queue is at its limit.
+    Append {
+        /// Queue owner.
+        user: UserId,
+        /// Server id (key).
+        id: ServerMsgId,
+        /// What to store.
+        item: Item,
+    },
+    /// Remove `id` from `user`'s queue (acknowledged by a device). Absent ids are ignored.
+    Delete {
+        /// Queue owner.
+        user: UserId,
+        /// Server id.
+        id: ServerMsgId,
+    },
+}
+
+/// Outcome of one [`Op`] in a committed batch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OpOutcome {
+    /// Appended (durable per the sync policy once the batch returns).
+    Appended,
+    /// Not appended: the user's queue holds `queue_messages_max` messages (or receipts
+    /// beyond their allowance).
+    QueueFull,
+    /// Deleted (`true`) or was not there (`false`).
+    Deleted(bool),
+}
+
+/// Queue-length limits applied inside the write transaction.
+#[derive(Clone, Copy, Debug)]
+pub struct QueueLimits {
+    /// Messages per user.
+    pub messages_max: u32,
+    /// Receipts per user.
+    pub receipts_max: u32,
+}
+
+/// One shard's store. Cheap to clone; `Send + Sync`, so a clone moves into the blocking
+/// commit closure.
+#[derive(Clone)]
+pub struct Store {
+    env: Env,
+    queue: Database<'static, RawBytes, RawBytes>,
+    meta: Database<'static, RawBytes, RawBytes>,
+    path: PathBuf,
+}
+
+fn queue_key(user: UserId, id: ServerMsgId) -> [u8; 16] {
+    let mut k = [0u8; 16];
+    k[..8].copy_from_slice(&user.0.to_be_bytes());
+    k[8..].copy_from_slice(&id.0.to_be_bytes());
+    k
+}
+
+fn count_key(user: UserId) -> [u8; 9] {
+    let mut k = [0u8; 9];
+    k[0] = b'c';
+    k[1..].copy_from_slice(&user.0.to_be_bytes());
+    k
+}
+
+/// What [`Store::open`] found and set.
+pub struct Opened {
+    /// The store.
+    pub store: Store,
+    /// This run's epoch for [`ServerMsgId`]s (already durably bumped).
+    pub epoch: u16,
+}
+
+impl Store {
+    /// Path of shard `shard`'s environment under `data_dir`.
+    pub fn shard_dir(data_dir: &Path, shard: ShardId) -> PathBuf {
+        data_dir.join(format!("shard-{}", shard.0))
+    }
+
+    /// Opens (creating if needed) shard `shard` of `shards`, checks the layout and bumps the
+    /// epoch durably. Blocking: call before the shard's reactor starts serving.
+    pub fn open(
+        data_dir: &Path,
+        shard: ShardId,
+        shards: usize,
+        map_size_mib: usize,
+        sync: SyncPolicy,
+    ) -> Result<Opened, StoreError> {
+        let path = Self::shard_dir(data_dir, shard);
+        let lmdb = |source| StoreError::Lmdb {
+            path: path.clone(),
+            source,
+        };
+        std::fs::create_dir_all(&path).map_err(|e| lmdb(heed::Error::Io(e)))?;
+        let mut flags = EnvFlags::empty();
+        if sync != SyncPolicy::Always {
+            // Commits write to the page cache only; the committer fsyncs per policy. A killed
+            // process loses nothing: the kernel holds the written pages.
+            flags |= EnvFlags::NO_SYNC;
+        }
+        // SAFETY: the environment is opened once per process per path (each shard owns its
+        // own directory), and flags are set before any transaction.
+        let env = unsafe {
+            let mut opts = EnvOpenOptions::new();
+            opts.map_size(map_size_mib * 1024 * 1024)
+                .max_dbs(4)
+                .max_readers(126);
+            opts.flags(flags);
+            opts.open(&path)
+        }
+        .map_err(lmdb)?;
+        let wtxn = env.write_txn().map_err(lmdb)?;
+        let (queue, meta) = env
+            .create_databases_and_commit(wtxn, |opener, wtxn| -> Result<_, heed::Error> {
+                let queue = opener.create_database::<RawBytes, RawBytes>(wtxn, Some("queue"))?;
+                let meta = opener.create_database::<RawBytes, RawBytes>(wtxn, Some("meta"))?;
+                Ok(CommitOrAbort::<_, ()>::Commit((queue, meta)))
+            })
+            .map_err(lmdb)?
+            .unwrap_commit();
+        let mut wtxn = env.write_txn().map_err(lmdb)?;
+        let layout = [shard.0.to_be_bytes(), (shards as u16).to_be_bytes()].concat();
+        match meta.get(&wtxn, b"layout").map_err(lmdb)? {
+            Some(found) if found != layout.as_slice() => {
+                let found_shard = u16::from_be_bytes([found[0], found[1]]);
+                let found_shards = u16::from_be_bytes([found[2], found[3]]);
+                return Err(StoreError::LayoutMismatch {
+                    path,
+                    found_shard,
+                    found_shards,
+                    shard: shard.0,
+                    shards: shards as u16,
+                });
+            }
+            Some(_) => {}
+            None => meta.put(&mut wtxn, b"layout", &layout).map_err(lmdb)?,
+        }
+        let epoch = match meta.get(&wtxn, b"epoch").map_err(lmdb)? {
+            Some(v) if v.len() == 2 => u16::from_be_bytes([v[0], v[1]]),
+            Some(_) => {
+                return Err(StoreError::Corrupt {
+                    path,
+                    why: "epoch record",
+                })
+            }
+            None => 0,
+        };
+        let epoch = epoch.checked_add(1).ok_or(StoreError::Corrupt {
+            path: path.clone(),
+            why: "epoch exhausted (65535 restarts); see docs/operations.md",
+        })?;
+        meta.put(&mut wtxn, b"epoch", &epoch.to_be_bytes())
+            .map_err(lmdb)?;
+        wtxn.commit().map_err(lmdb)?;
+        // The epoch must be on disk before any id of this epoch can be acknowledged.
+        env.force_sync().map_err(lmdb)?;
+        Ok(Opened {
+            store: Store {
+                env,
+                queue,
+                meta,
+                path,
+            },
+            epoch,
+        })
+    }
+
+    fn err(&self, source: heed::Error) -> StoreError {
+        StoreError::Lmdb {
+            path: self.path.clone(),
+            source,
+        }
+    }
+
+    /// Applies `ops` in order in one write transaction and commits it (with fsync under
+    /// `sync = always`). Blocking. Either every op takes effect or none does.
+    pub fn apply(&self, ops: &[Op], limits: QueueLimits) -> Result<Vec<OpOutcome>, StoreError> {
+        let mut wtxn = self.env.write_txn().map_err(|e| self.err(e))?;
+        let mut out = Vec::with_capacity(ops.len());
+        for op in ops {
+            let outcome = match op {
+                Op::Append { user, id, item } => {
+                    let ck = count_key(*user);
+                    let (mut msgs, mut rcpts) = self.counts(&wtxn, &ck)?;
+                    let full = if item.is_receipt() {
+                        rcpts >= limits.receipts_max
+                    } else {
+                        msgs >= limits.messages_max
+                    };
+                    if full {
+                        OpOutcome::QueueFull
+                    } else {
+                        self.queue
+                            .put(&mut wtxn, &queue_key(*user, *id), &item.encode())
+                            .map_err(|e| self.err(e))?;
+                        if item.is_receipt() {
+                            rcpts += 1
+                        } else {
+                            msgs += 1
+                        }
+                        self.put_counts(&mut wtxn, &ck, msgs, rcpts)?;
+                        OpOutcome::Appended
+                    }
+                }
+                Op::Delete { user, id } => {
+                    let key = queue_key(*user, *id);
+                    let kind = self
+                        .queue
+                        .get(&wtxn, &key)
+                        .map_err(|e| self.err(e))?
+                        .and_then(|v| v.first().copied());
+                    match kind {
+                        None => OpOutcome::Deleted(false),
+                        Some(kind) => {
+                            self.queue
+                                .delete(&mut wtxn, &key)
+                                .map_err(|e| self.err(e))?;
+                            let ck = count_key(*user);
+                            let (mut msgs, mut rcpts) = self.counts(&wtxn, &ck)?;
+                            if kind == ITEM_RECEIPT {
+                                rcpts = rcpts.saturating_sub(1)
+                            } else {
+                                msgs = msgs.saturating_sub(1)
+                            }
+                            self.put_counts(&mut wtxn, &ck, msgs, rcpts)?;
+                            OpOutcome::Deleted(true)
+                        }
+                    }
+                }
+            };
+            out.push(outcome);
+        }
+        wtxn.commit().map_err(|e| self.err(e))?;
+        Ok(out)
+    }
+
+    fn counts(&self, txn: &heed::RoTxn, key: &[u8]) -> Result<(u32, u32), StoreError> {
+        Ok(match self.meta.get(txn, key).map_err(|e| self.err(e))? {
+            Some(v) if v.len() == 8 => (
+                u32::from_be_bytes(v[..4].try_into().expect("4 bytes")),
+                u32::from_be_bytes(v[4..].try_into().expect("4 bytes")),
+            ),
+            _ => (0, 0),
+        })
+    }
+
+    fn put_counts(
+        &self,
+        txn: &mut heed::RwTxn,
+        key: &[u8],
+        msgs: u32,
+        rcpts: u32,
+    ) -> Result<(), StoreError> {
+        if msgs == 0 && rcpts == 0 {
+            self.meta.delete(txn, key).map_err(|e| self.err(e))?;
+        } else {
+            let mut v = [0u8; 8];
+            v[..4].copy_from_slice(&msgs.to_be_bytes());
+            v[4..].copy_from_slice(&rcpts.to_be_bytes());
+            self.meta.put(txn, key, &v).map_err(|e| self.err(e))?;
+        }
+        Ok(())
+    }
+
+    /// Forces every committed write to stable storage (the `batch` policy's periodic sync).
+    /// Blocking.
+    pub fn sync(&self) -> Result<(), StoreError> {
+        self.env.force_sync().map_err(|e| self.err(e))
+    }
+
+    /// Up to `max` items of `user`'s queue with ids above `after` (all if `None`), in order.
+    /// A read snapshot: never blocks on the writer.
+    pub fn read_queue(
+        &self,
+        user: UserId,
+        after: Option<ServerMsgId>,
+        max: usize,
+    ) -> Result<Vec<(ServerMsgId, Item)>, StoreError> {
+        let rtxn = self.env.read_txn().map_err(|e| self.err(e))?;
+        let start = match after {
+            Some(id) if id.0 == u64::MAX => return Ok(Vec::new()),
+            Some(id) => queue_key(user, ServerMsgId(id.0 + 1)),
+            None => queue_key(user, ServerMsgId(0)),
+        };
+        let end = queue_key(user, ServerMsgId(u64::MAX));
+        let range = (
+            std::ops::Bound::Included(&start[..]),
+            std::ops::Bound::Included(&end[..]),
+        );
+        let mut out = Vec::new();
+        for entry in self
+            .queue
+            .range(&rtxn, &range)
+            .map_err(|e| self.err(e))?
+            .take(max)
+        {
+            let (k, v) = entry.map_err(|e| self.err(e))?;
+            let id = ServerMsgId(u64::from_be_bytes(
+                k[8..16].try_into().expect("16-byte key"),
+            ));
+            let item = Item::decode(v).ok_or(StoreError::Corrupt {
+                path: self.path.clone(),
+                why: "queue item",
+            })?;
+            out.push((id, item));
+        }
+        Ok(out)
+    }
+
+    /// Messages and receipts queued for `user`.
+    pub fn queue_counts(&self, user: UserId) -> Result<(u32, u32), StoreError> {
+        let rtxn = self.env.read_txn().map_err(|e| self.err(e))?;
+        self.counts(&rtxn, &count_key(user))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LIMITS: QueueLimits = QueueLimits {
+        messages_max: 3,
+        receipts_max: 1,
+    };
+
+    fn msg(n: u8) -> Item {
+        Item::Message {
+            sender: UserId(9),
+            sender_device: DeviceId(1),
+            ts_ms: 5,
+            body: Bytes::from(vec![n; 3]),
+        }
+    }
+
+    #[test]
+    fn append_read_delete_in_order_with_limits() {
+        let dir = tempfile::tempdir().unwrap();
+        let Opened { store, epoch } =
+            Store::open(dir.path(), ShardId(0), 1, 16, SyncPolicy::Always).unwrap();
+        assert_eq!(epoch, 1);
+        let u = UserId(77);
+        let id = |c| ServerMsgId::compose(epoch, ShardId(0), c);
+        let ops: Vec<Op> = (1..=4)
+            .map(|c| Op::Append {
+                user: u,
+                id: id(c),
+                item: msg(c as u8),
+            })
+            .collect();
+        let out = store.apply(&ops, LIMITS).unwrap();
+        assert_eq!(
+            out,
+            vec![
+                OpOutcome::Appended,
+                OpOutcome::Appended,
+                OpOutcome::Appended,
+                OpOutcome::QueueFull
+            ]
+        );
+        let all = store.read_queue(u, None, 10).unwrap();
+        assert_eq!(
+            all.iter().map(|(i, _)| *i).collect::<Vec<_>>(),
+            vec![id(1), id(2), id(3)]
+        );
+        assert_eq!(all[1].1, msg(2));
+        assert_eq!(store.read_queue(u, Some(id(1)), 1).unwrap()[0].0, id(2));
+        let out = store
+            .apply(
+                &[
+                    Op::Delete { user: u, id: id(2) },
+                    Op::Delete { user: u, id: id(2) },
+                ],
+                LIMITS,
+            )
+            .unwrap();
+        assert_eq!(
+            out,
+            vec![OpOutcome::Deleted(true), OpOutcome::Deleted(false)]
+        );
+        assert_eq!(store.queue_counts(u).unwrap(), (2, 0));
+        // Other users' queues are separate.
+        assert!(store.read_queue(UserId(76), None, 10).unwrap().is_empty());
+        let r = Item::Receipt {
+            kind: ReceiptKind::Read,
+            from: u,
+            msg_id: id(1),
+            ts_ms: 1,
+        };
+        let out = store
+            .apply(
+                &[
+                    Op::Append {
+                        user: u,
+                        id: id(9),
+                        item: r.clone(),
+                    },
+                    Op::Append {
+                        user: u,
+                        id: id(10),
+                        item: r,
+                    },
+                ],
+                LIMITS,
+            )
+            .unwrap();
+        assert_eq!(out, vec![OpOutcome::Appended, OpOutcome::QueueFull]);
+    }
+
+    #[test]
+    fn reopen_bumps_epoch_keeps_data_and_checks_layout() {
+        let dir = tempfile::tempdir().unwrap();
+        let u = UserId(1);
+        {
+            let o = Store::open(dir.path(), ShardId(1), 2, 16, SyncPolicy::None).unwrap();
+            let id = ServerMsgId::compose(o.epoch, ShardId(1), 0);
+            o.store
+                .apply(
+                    &[Op::Append {
+                        user: u,
+                        id,
+                        item: msg(1),
+                    }],
+                    LIMITS,
+                )
+                .unwrap();
+        }
+        let o = Store::open(dir.path(), ShardId(1), 2, 16, SyncPolicy::None).unwrap();
+        assert_eq!(o.epoch, 2);
+        assert_eq!(o.store.read_queue(u, None, 10).unwrap().len(), 1);
+        drop(o);
+        let err = Store::open(dir.path(), ShardId(1), 3, 16, SyncPolicy::None)
+            .err()
+            .unwrap();
+        assert!(err.to_string().contains("server.shards = 2"), "{err}");
+    }
+
+    #[test]
+    fn item_codec_rejects_garbage() {
+        assert_eq!(Item::decode(&msg(4).encode()), Some(msg(4)));
+        assert_eq!(Item::decode(&[]), None);
+        assert_eq!(Item::decode(&[ITEM_RECEIPT, 9]), None);
+        assert_eq!(Item::decode(&[7; 30]), None);
+    }
+}
