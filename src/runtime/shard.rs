@@ -431,6 +431,9 @@ impl Shard {
     /// Removes a finished connection and its session entry.
     pub fn remove_conn(&self, slot: u32) {
         let conn = self.conns.borrow_mut().remove(slot as usize);
+        self.pulses[self.id.index()]
+            .connections
+            .fetch_sub(1, Ordering::Relaxed);
         if let Phase::Active { user, .. } = conn.phase() {
             let mut sessions = self.sessions.borrow_mut();
             if let Some(list) = sessions.get_mut(&user) {
@@ -548,6 +551,9 @@ impl Shard {
         // SAFETY: `fd` is a connected TCP socket whose ownership moves into the stream.
         let stream = unsafe { TcpStream::from_raw_fd(fd.into_raw_fd()) };
         let (slot, conn) = self.insert_conn(Handshake::active(user, device, now), now);
+        self.pulses[self.id.index()]
+            .handovers_in
+            .fetch_add(1, Ordering::Relaxed);
         conn.set_partial(leftover);
         self.register_session(slot, &conn, user, device);
         self.spawn_conn(stream, slot, conn);

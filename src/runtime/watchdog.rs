@@ -28,6 +28,10 @@ pub struct Pulse {
     pub envelopes_done: AtomicU64,
     /// Stall episodes the watchdog counted for this shard.
     pub stalls: AtomicU64,
+    /// Connections this shard adopted from other shards after their login (hand-overs).
+    pub handovers_in: AtomicU64,
+    /// Connections this shard holds now.
+    pub connections: AtomicU64,
 }
 
 /// One observation of a shard's pulse.
