@@ -53,6 +53,9 @@ pub struct Conn {
     st: RefCell<ConnState>,
     waker: RefCell<Option<Waker>>,
     now_ms: Cell<u64>,
+    /// The user whose session list on this shard holds this connection (set at login on the
+    /// owner shard; kept after the phase moves to `Closed` so removal finds the entry).
+    pub session_of: Cell<Option<UserId>>,
 }
 
 impl Conn {
@@ -75,6 +78,7 @@ impl Conn {
             }),
             waker: RefCell::new(None),
             now_ms: Cell::new(now_ms),
+            session_of: Cell::new(None),
         }
     }
 

@@ -434,7 +434,7 @@ impl Shard {
         self.pulses[self.id.index()]
             .connections
             .fetch_sub(1, Ordering::Relaxed);
-        if let Phase::Active { user, .. } = conn.phase() {
+        if let Some(user) = conn.session_of.get() {
             let mut sessions = self.sessions.borrow_mut();
             if let Some(list) = sessions.get_mut(&user) {
                 list.retain(|&s| s != slot);
@@ -531,6 +531,7 @@ impl Shard {
             list.push(slot);
             old
         };
+        conn.session_of.set(Some(user));
         for old in replaced {
             if let Some(c) = self.conn_at(old) {
                 self.go_away(
