@@ -127,7 +127,7 @@ pub fn load_or_create_key_file(path: &Path, create: bool) -> Result<[u8; KEY_BYT
                 Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
                     load_or_create_key_file(path, false)
                 }
-                Err(_) => Err(io(f.err().expect("error arm"))),
+                Err(_) => Err(io(f.expect_err("error arm"))),
             }
         }
         Err(e) => Err(io(e)),

@@ -227,6 +227,27 @@ fn every_bad_input_gets_a_named_error_and_others_are_unaffected() {
         ),
         other => panic!("{other:?}"),
     }
+    // A body that fits a SEND frame but not the larger DELIVER frame is refused by name.
+    let body_max = gatehouse::proto::body_bytes_max(4096);
+    c.send_message(6, UserId(b), &vec![1u8; body_max + 1])
+        .unwrap();
+    match c.recv_frame().unwrap() {
+        ServerFrame::Error {
+            code,
+            fatal,
+            ref_id,
+            message,
+        } => {
+            assert_eq!(
+                (code, fatal, ref_id),
+                (ErrorCode::BodyTooLarge as u16, false, 6)
+            );
+            assert!(message.contains(&body_max.to_string()), "{message}");
+        }
+        other => panic!("{other:?}"),
+    }
+    c.send_message(7, UserId(b), &vec![1u8; body_max]).unwrap();
+    expect_send_ack(&mut c, 7);
     c.send(&ClientFrame::Ping { nonce: 3 }).unwrap();
     assert_eq!(c.recv_frame().unwrap(), ServerFrame::Pong { nonce: 3 });
 
@@ -236,6 +257,9 @@ fn every_bad_input_gets_a_named_error_and_others_are_unaffected() {
     let mut cb = login(addr, b, 1);
     let (id, _, body) = expect_deliver(&mut cb);
     assert_eq!((id, body.as_slice()), (acked, &b"before the storm"[..]));
+    // The largest body arrives whole in a DELIVER within the frame limit.
+    let (_, _, body) = expect_deliver(&mut cb);
+    assert_eq!(body.len(), body_max);
     server.shutdown().unwrap();
 }
 

@@ -439,6 +439,11 @@ impl ClientFrame {
 /// Bytes of the DELIVER header before the body: length, type and fixed fields.
 pub const DELIVER_HEADER_BYTES: usize = FRAME_HEADER_BYTES + 1 + 8 + 8 + 4 + 8;
 
+/// Largest SEND body that still fits a DELIVER frame of at most `frame_bytes_max`.
+pub fn body_bytes_max(frame_bytes_max: usize) -> usize {
+    frame_bytes_max - (DELIVER_HEADER_BYTES - FRAME_HEADER_BYTES)
+}
+
 /// Encodes a DELIVER frame's header for a body of `body_len` bytes, so that the runtime can
 /// write header and a shared body (`Bytes`) with one vectored write and no copy of the body.
 pub fn deliver_header(

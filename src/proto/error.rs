@@ -36,6 +36,9 @@ pub enum ErrorCode {
     SlowConsumer = 14,
     /// A bug on the server's side. Fatal.
     Internal = 15,
+    /// A SEND body too large to be delivered within the maximum frame size (the DELIVER frame
+    /// carries 12 more bytes of header than the SEND). Not fatal.
+    BodyTooLarge = 16,
 }
 
 impl ErrorCode {
@@ -58,6 +61,7 @@ impl ErrorCode {
             13 => BadRecipient,
             14 => SlowConsumer,
             15 => Internal,
+            16 => BodyTooLarge,
             _ => return None,
         })
     }
@@ -71,6 +75,7 @@ impl ErrorCode {
                 | ErrorCode::StoreFailed
                 | ErrorCode::Overloaded
                 | ErrorCode::BadRecipient
+                | ErrorCode::BodyTooLarge
         )
     }
 
@@ -93,6 +98,7 @@ impl ErrorCode {
             BadRecipient => "bad_recipient",
             SlowConsumer => "slow_consumer",
             Internal => "internal",
+            BodyTooLarge => "body_too_large",
         }
     }
 }

@@ -37,6 +37,7 @@ use glommio::net::{TcpListener, TcpStream};
 use glommio::{Latency, Shares, TaskQueueHandle};
 use hdrhistogram::Histogram;
 use slab::Slab;
+use smallvec::SmallVec;
 
 use super::conn::{self, Conn};
 use super::watchdog::Pulse;
@@ -44,7 +45,9 @@ use super::{blocking, now_ms};
 use crate::config::SyncPolicy;
 use crate::ids::{owner_shard, DeviceId, ServerMsgId, ShardId, UserId, MSG_ID_COUNTER_BITS};
 use crate::limits;
-use crate::proto::{deliver_header, ErrorCode, GoAwayReason, ReceiptKind, ServerFrame};
+use crate::proto::{
+    body_bytes_max, deliver_header, ErrorCode, GoAwayReason, ReceiptKind, ServerFrame,
+};
 use crate::session::{Command, Handshake, InFlight, Phase, SessionParams, Step};
 use crate::store::{Item, Op, OpOutcome, QueueLimits, Store, StoreError};
 
@@ -237,7 +240,8 @@ pub struct Shard {
     counter: Cell<u64>,
     conns: RefCell<Slab<Rc<Conn>>>,
     next_gen: Cell<u32>,
-    sessions: RefCell<HashMap<UserId, Vec<u32>>>,
+    /// Owner-side sessions: user → slots of its devices' connections (inline for ≤ 2).
+    sessions: RefCell<HashMap<UserId, SmallVec<[u32; 2]>>>,
     outboxes: Vec<Outbox>,
     pending: RefCell<Vec<(Op, Completion)>>,
     committer_waker: RefCell<Option<Waker>>,
@@ -437,7 +441,7 @@ impl Shard {
         if let Some(user) = conn.session_of.get() {
             let mut sessions = self.sessions.borrow_mut();
             if let Some(list) = sessions.get_mut(&user) {
-                list.retain(|&s| s != slot);
+                list.retain(|s| *s != slot);
                 if list.is_empty() {
                     sessions.remove(&user);
                 }
@@ -520,13 +524,14 @@ impl Shard {
     /// Makes `conn` the session of (user, device) on this (owner) shard: replaces an older
     /// session of the same device, answers LOGIN_OK and starts delivering the queue.
     fn register_session(&self, slot: u32, conn: &Rc<Conn>, user: UserId, device: DeviceId) {
-        let replaced: Vec<u32> = {
+        let replaced: SmallVec<[u32; 2]> = {
             let mut sessions = self.sessions.borrow_mut();
             let list = sessions.entry(user).or_default();
             let conns = self.conns.borrow();
-            let (old, keep): (Vec<u32>, Vec<u32>) = list
+            let (old, keep): (SmallVec<[u32; 2]>, SmallVec<[u32; 2]>) = list
                 .iter()
-                .partition(|&&s| matches!(conns.get(s as usize).map(|c| c.phase()), Some(Phase::Active { device: d, .. }) if d == device));
+                .copied()
+                .partition(|&s| matches!(conns.get(s as usize).map(|c| c.phase()), Some(Phase::Active { device: d, .. }) if d == device));
             *list = keep;
             list.push(slot);
             old
@@ -563,13 +568,14 @@ impl Shard {
     fn spawn_conn(self: &Rc<Self>, stream: TcpStream, slot: u32, conn: Rc<Conn>) {
         let s = self.clone();
         match glommio::spawn_local_into(conn::serve(s, stream, slot, conn), self.queues.io) {
-            Ok(t) => t.detach(),
+            Ok(t) => {
+                t.detach();
+            }
             Err(e) => {
                 tracing::error!(shard = self.id.0, error = %e, "cannot spawn connection task");
                 self.remove_conn(slot);
-                return;
             }
-        };
+        }
     }
 
     /// Called by a connection task that finished its login here but belongs to another shard.
@@ -611,6 +617,19 @@ impl Shard {
                         ErrorCode::BadRecipient,
                         client_msg_id,
                         "recipient 0 is not a user",
+                    ));
+                    return;
+                }
+                let body_max = body_bytes_max(self.cfg.max_frame_bytes);
+                if body.len() > body_max {
+                    let why = format!(
+                        "body of {} bytes exceeds the maximum of {body_max}",
+                        body.len()
+                    );
+                    conn.push_frame(&ServerFrame::error(
+                        ErrorCode::BodyTooLarge,
+                        client_msg_id,
+                        why,
                     ));
                     return;
                 }
@@ -894,7 +913,7 @@ impl Shard {
     /// After a commit: hands a just-stored item to the user's online devices that are caught
     /// up, and makes the others pull it from the store.
     fn deliver_live(&self, user: UserId, id: ServerMsgId, item: &Item) {
-        let slots: Vec<u32> = match self.sessions.borrow().get(&user) {
+        let slots: SmallVec<[u32; 2]> = match self.sessions.borrow().get(&user) {
             Some(list) => list.clone(),
             None => return,
         };
@@ -1109,11 +1128,14 @@ impl Shard {
                         self.stats
                             .conns_refused
                             .set(self.stats.conns_refused.get() + 1);
-                        let frame = ServerFrame::error(
-                            ErrorCode::Overloaded,
-                            0,
-                            "server is at its connection limit; retry later",
-                        )
+                        // Overloaded is not fatal for a request, but here the connection
+                        // is closed at once, so the frame says so.
+                        let frame = ServerFrame::Error {
+                            code: ErrorCode::Overloaded as u16,
+                            fatal: true,
+                            ref_id: 0,
+                            message: "server is at its connection limit; retry later".into(),
+                        }
                         .to_bytes();
                         conn::send_best_effort(&stream, &frame);
                         continue;
