@@ -30,6 +30,23 @@ struct ConfigArgs {
     data_dir: Option<PathBuf>,
 }
 
+/// Who a command-line client logs in as, and where.
+#[derive(clap::Args, Clone)]
+struct ClientArgs {
+    /// User id to log in as.
+    #[arg(long)]
+    user: u64,
+    /// Device id to log in as.
+    #[arg(long, default_value_t = 1)]
+    device: u32,
+    /// Gateway address (default: server.listen from the configuration).
+    #[arg(long)]
+    server: Option<std::net::SocketAddr>,
+    /// Login token (default: minted with the configured key, valid 1 h).
+    #[arg(long)]
+    token: Option<String>,
+}
+
 #[derive(Subcommand)]
 enum Cmd {
     /// Run the gateway (the default).
@@ -59,6 +76,32 @@ enum Cmd {
         /// Lifetime, e.g. 90s, 15m, 1h, 7d.
         #[arg(long, default_value = "1h", value_parser = gatehouse::auth::parse_ttl)]
         ttl: u64,
+    },
+    /// Send one message as --user to --to and wait until the server has stored it.
+    Send {
+        #[command(flatten)]
+        cfg: ConfigArgs,
+        #[command(flatten)]
+        who: ClientArgs,
+        /// Recipient user id.
+        #[arg(long)]
+        to: u64,
+        /// Message text (sent as the opaque body).
+        text: String,
+    },
+    /// Log in as --user, print queued and arriving messages and receipts, acknowledge each, and
+    /// exit after --wait without traffic.
+    Recv {
+        #[command(flatten)]
+        cfg: ConfigArgs,
+        #[command(flatten)]
+        who: ClientArgs,
+        /// Quiet time before exiting, e.g. 1s, 30s.
+        #[arg(long, default_value = "1s", value_parser = gatehouse::auth::parse_ttl)]
+        wait: u64,
+        /// Do not acknowledge (messages stay queued and come again next time).
+        #[arg(long)]
+        no_ack: bool,
     },
     /// Print the embedded defaults as TOML.
     PrintDefaultConfig,
@@ -134,6 +177,119 @@ fn run(
     Ok(())
 }
 
+/// Logs in as `who`, with the address and key taken from the configuration where not given.
+fn client_login(cfg: &ConfigArgs, who: &ClientArgs) -> anyhow::Result<gatehouse::client::Client> {
+    let config = load(cfg)?;
+    config.validate()?;
+    let mut addr = who.server.unwrap_or(config.server.listen);
+    if addr.ip().is_unspecified() {
+        addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+    }
+    let token = match &who.token {
+        Some(t) => t.clone(),
+        None => {
+            let expiry = gatehouse::runtime::now_ms() / 1000 + 3600;
+            config
+                .token_keys()?
+                .mint(UserId(who.user), DeviceId(who.device), expiry)
+        }
+    };
+    gatehouse::client::Client::login(
+        addr,
+        UserId(who.user),
+        DeviceId(who.device),
+        &token,
+        std::time::Duration::from_secs(10),
+    )
+    .with_context(|| {
+        format!(
+            "logging in to {addr} as user {} device {}",
+            who.user, who.device
+        )
+    })
+}
+
+fn send(cfg: &ConfigArgs, who: &ClientArgs, to: u64, text: &str) -> anyhow::Result<()> {
+    use gatehouse::proto::ServerFrame;
+    let mut c = client_login(cfg, who)?;
+    let client_msg_id = gatehouse::runtime::now_ms();
+    c.send_message(client_msg_id, UserId(to), text.as_bytes())?;
+    loop {
+        match c.recv()? {
+            ServerFrame::SendAck {
+                server_msg_id,
+                server_ts_ms,
+                ..
+            } => {
+                println!(
+                    "stored for user {to} as message {} at {server_ts_ms}",
+                    server_msg_id.0
+                );
+                return Ok(());
+            }
+            // Receipts and messages for the sender stay queued for its next `recv`.
+            ServerFrame::Receipt { .. } | ServerFrame::Deliver { .. } => continue,
+            other => anyhow::bail!("unexpected answer: {other:?}"),
+        }
+    }
+}
+
+fn recv(cfg: &ConfigArgs, who: &ClientArgs, wait_s: u64, no_ack: bool) -> anyhow::Result<()> {
+    use gatehouse::client::ClientError;
+    use gatehouse::proto::ServerFrame;
+    let mut c = client_login(cfg, who)?;
+    c.set_timeout(std::time::Duration::from_secs(wait_s))?;
+    loop {
+        let id = match c.recv() {
+            Ok(ServerFrame::Deliver {
+                server_msg_id,
+                sender,
+                sender_device,
+                server_ts_ms,
+                body,
+            }) => {
+                println!(
+                    "message {} from user {} device {} at {server_ts_ms}: {}",
+                    server_msg_id.0,
+                    sender.0,
+                    sender_device.0,
+                    String::from_utf8_lossy(&body)
+                );
+                server_msg_id
+            }
+            Ok(ServerFrame::Receipt {
+                receipt_id,
+                kind,
+                from,
+                server_msg_id,
+                ts_ms,
+            }) => {
+                println!(
+                    "receipt {kind:?} from user {} for message {} at {ts_ms}",
+                    from.0, server_msg_id.0
+                );
+                receipt_id
+            }
+            Ok(other) => {
+                println!("{other:?}");
+                continue;
+            }
+            Err(ClientError::Io(e))
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                return Ok(());
+            }
+            Err(e) => return Err(e.into()),
+        };
+        if !no_ack {
+            c.ack(&[id])?;
+        }
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command.unwrap_or(Cmd::Run {
@@ -165,6 +321,13 @@ fn main() -> ExitCode {
             println!("{}", keys.mint(UserId(user), DeviceId(device), expiry));
             Ok(())
         })(),
+        Cmd::Send { cfg, who, to, text } => send(&cfg, &who, to, &text),
+        Cmd::Recv {
+            cfg,
+            who,
+            wait,
+            no_ack,
+        } => recv(&cfg, &who, wait, no_ack),
         Cmd::PrintDefaultConfig => {
             print!("{}", Config::default_toml());
             Ok(())
