@@ -180,6 +180,27 @@ pub struct AuthSection {
     pub previous_key_file: Option<PathBuf>,
 }
 
+/// `[cluster]`: this node's place among nodes that run side by side, each owning a disjoint
+/// slice of users (`ids::owner_node`). Cross-node routing does not exist yet: a user logs in
+/// to its own node and can message users of the same node.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ClusterSection {
+    /// This node's index, `0..nodes`.
+    pub node_id: u32,
+    /// Nodes in the deployment.
+    pub nodes: u32,
+}
+
+impl Default for ClusterSection {
+    fn default() -> Self {
+        ClusterSection {
+            node_id: 0,
+            nodes: 1,
+        }
+    }
+}
+
 /// The whole configuration.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -194,6 +215,8 @@ pub struct Config {
     pub store: StoreSection,
     /// Tokens.
     pub auth: AuthSection,
+    /// Multi-node slice.
+    pub cluster: ClusterSection,
 }
 
 fn invalid(key: &'static str, why: impl Into<String>) -> ConfigError {
@@ -308,6 +331,12 @@ impl Config {
         }
         if self.runtime.stall_threshold_ms == 0 {
             return Err(invalid("runtime.stall_threshold_ms", "must be > 0"));
+        }
+        if self.cluster.nodes == 0 || self.cluster.node_id >= self.cluster.nodes {
+            return Err(invalid(
+                "cluster.node_id",
+                "must be < cluster.nodes (and nodes > 0)",
+            ));
         }
         if let Some(k) = &self.auth.key_hex {
             crate::auth::parse_key_hex(k, "auth.key_hex")

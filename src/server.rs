@@ -90,6 +90,19 @@ pub fn allowed_cpus() -> Vec<usize> {
     }
 }
 
+/// The loss-check test hook (see `ShardConfig::test_drop_delivery_every`), from the
+/// environment. Loud, because a node with it set loses messages on purpose.
+fn test_drop_delivery_every() -> u64 {
+    let every = std::env::var("GATEHOUSE_TEST_DROP_DELIVERY_EVERY")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    if every > 0 {
+        tracing::error!(every, "TEST HOOK ACTIVE: dropping every n-th delivery on purpose; never use this in production");
+    }
+    every
+}
+
 /// Starts a node on `config`; returns once every shard is serving.
 pub fn start(config: Config) -> anyhow::Result<ServerHandle> {
     config.validate()?;
@@ -100,6 +113,8 @@ pub fn start(config: Config) -> anyhow::Result<ServerHandle> {
         max_frame_bytes: config.limits.max_frame_bytes,
         idle_timeout_ms: config.limits.idle_timeout_ms,
         login_timeout_ms: config.limits.login_timeout_ms,
+        node_id: config.cluster.node_id,
+        nodes: config.cluster.nodes,
     };
     let cfg = ShardConfig {
         max_frame_bytes: config.limits.max_frame_bytes,
@@ -117,6 +132,7 @@ pub fn start(config: Config) -> anyhow::Result<ServerHandle> {
         sync: config.store.sync,
         sync_interval_ms: config.store.sync_interval_ms,
         heartbeat_ms: config.runtime.heartbeat_ms,
+        test_drop_delivery_every: test_drop_delivery_every(),
     };
 
     let mut opened = Vec::with_capacity(shards);

@@ -6,7 +6,7 @@
 //! Everything here is deterministic and unit-tested with synthetic time.
 
 use crate::auth::{TokenError, TokenKeys};
-use crate::ids::{DeviceId, ServerMsgId, UserId};
+use crate::ids::{owner_node, DeviceId, ServerMsgId, UserId};
 use crate::proto::{
     ClientFrame, ErrorCode, ProtoError, ServerFrame, HELLO_MAGIC, PROTOCOL_VERSION,
 };
@@ -86,6 +86,10 @@ pub struct SessionParams {
     pub idle_timeout_ms: u64,
     /// Time allowed from accept to login, ms.
     pub login_timeout_ms: u64,
+    /// This node's index among `nodes` (users of other nodes are refused).
+    pub node_id: u32,
+    /// Nodes side by side.
+    pub nodes: u32,
 }
 
 /// The pre-login part of a connection plus its phase after login.
@@ -218,6 +222,18 @@ impl Handshake {
                     return fatal(ErrorCode::BadToken, "user id 0 is reserved");
                 }
                 match params.keys.verify(&token, user, device, now_ms / 1000) {
+                    Ok(()) if owner_node(user, params.nodes as usize) != params.node_id => {
+                        let node = owner_node(user, params.nodes as usize);
+                        Step::Fatal(ServerFrame::Error {
+                            code: ErrorCode::WrongNode as u16,
+                            fatal: true,
+                            ref_id: 0,
+                            message: format!(
+                                "user {user} belongs to node {node} of {}, not node {}",
+                                params.nodes, params.node_id
+                            ),
+                        })
+                    }
                     Ok(()) => {
                         self.phase = Phase::Active { user, device };
                         Step::LoggedIn { user, device }
@@ -317,6 +333,15 @@ impl DeliveryWindow {
         self.in_flight.push(f);
     }
 
+    /// Moves the cursor past `id` without a delivery (the loss-check test hook drops it).
+    pub fn skipped(&mut self, id: ServerMsgId) {
+        assert!(
+            self.cursor.is_none_or(|c| id > c),
+            "deliveries must be in id order"
+        );
+        self.cursor = Some(id);
+    }
+
     /// Removes an acknowledged id; `None` if it was not in flight.
     pub fn acked(&mut self, id: ServerMsgId) -> Option<InFlight> {
         let pos = self.in_flight.iter().position(|f| f.id == id)?;
@@ -347,6 +372,8 @@ mod tests {
             max_frame_bytes: 4096,
             idle_timeout_ms: 60_000,
             login_timeout_ms: 1_000,
+            node_id: 0,
+            nodes: 1,
         }
     }
 

@@ -39,6 +39,9 @@ pub enum ErrorCode {
     /// A SEND body too large to be delivered within the maximum frame size (the DELIVER frame
     /// carries 12 more bytes of header than the SEND). Not fatal.
     BodyTooLarge = 16,
+    /// The user belongs to another node of a multi-node deployment: fatal at LOGIN (connect to
+    /// the right node), not fatal for a SEND (cross-node routing does not exist yet).
+    WrongNode = 17,
 }
 
 impl ErrorCode {
@@ -62,6 +65,7 @@ impl ErrorCode {
             14 => SlowConsumer,
             15 => Internal,
             16 => BodyTooLarge,
+            17 => WrongNode,
             _ => return None,
         })
     }
@@ -76,6 +80,7 @@ impl ErrorCode {
                 | ErrorCode::Overloaded
                 | ErrorCode::BadRecipient
                 | ErrorCode::BodyTooLarge
+                | ErrorCode::WrongNode
         )
     }
 
@@ -99,6 +104,7 @@ impl ErrorCode {
             SlowConsumer => "slow_consumer",
             Internal => "internal",
             BodyTooLarge => "body_too_large",
+            WrongNode => "wrong_node",
         }
     }
 }

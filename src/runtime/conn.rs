@@ -170,6 +170,11 @@ impl Conn {
         self.st.borrow_mut().window.delivered(f)
     }
 
+    /// See [`DeliveryWindow::skipped`].
+    pub fn skipped(&self, id: ServerMsgId) {
+        self.st.borrow_mut().window.skipped(id)
+    }
+
     /// See [`DeliveryWindow::room`].
     pub fn room(&self, window: usize) -> usize {
         self.st.borrow().window.room(window)

@@ -43,7 +43,9 @@ use super::conn::{self, Conn};
 use super::watchdog::Pulse;
 use super::{blocking, now_ms};
 use crate::config::SyncPolicy;
-use crate::ids::{owner_shard, DeviceId, ServerMsgId, ShardId, UserId, MSG_ID_COUNTER_BITS};
+use crate::ids::{
+    owner_node, owner_shard, DeviceId, ServerMsgId, ShardId, UserId, MSG_ID_COUNTER_BITS,
+};
 use crate::limits;
 use crate::proto::{
     body_bytes_max, deliver_header, ErrorCode, GoAwayReason, ReceiptKind, ServerFrame,
@@ -140,6 +142,10 @@ pub struct ShardConfig {
     pub sync_interval_ms: u64,
     /// Heartbeat period, ms (0 = off).
     pub heartbeat_ms: u64,
+    /// Test hook, never for production: silently drop every n-th message delivery (delete it
+    /// as if acknowledged, send nothing), so that tests can prove the loadgen's loss check
+    /// fails. Set only by the `GATEHOUSE_TEST_DROP_DELIVERY_EVERY` environment variable.
+    pub test_drop_delivery_every: u64,
 }
 
 /// What a committed op must trigger.
@@ -620,6 +626,16 @@ impl Shard {
                     ));
                     return;
                 }
+                let node = owner_node(recipient, self.params.nodes as usize);
+                if node != self.params.node_id {
+                    let why = format!("user {recipient} belongs to node {node}; cross-node routing is not supported yet");
+                    conn.push_frame(&ServerFrame::error(
+                        ErrorCode::WrongNode,
+                        client_msg_id,
+                        why,
+                    ));
+                    return;
+                }
                 let body_max = body_bytes_max(self.cfg.max_frame_bytes);
                 if body.len() > body_max {
                     let why = format!(
@@ -873,6 +889,19 @@ impl Shard {
     }
 
     fn deliver(&self, conn: &Conn, id: ServerMsgId, item: &Item) {
+        if matches!(item, Item::Message { .. }) && self.test_drop_due() {
+            if let Some(user) = conn.session_of.get() {
+                tracing::warn!(
+                    shard = self.id.0,
+                    id = id.0,
+                    "test hook: dropping a delivery"
+                );
+                conn.skipped(id);
+                self.stats.deliveries.set(self.stats.deliveries.get() + 1);
+                self.enqueue_op(Op::Delete { user, id }, Completion::None);
+                return;
+            }
+        }
         match item {
             Item::Message {
                 sender,
@@ -908,6 +937,11 @@ impl Shard {
             }
         }
         self.stats.deliveries.set(self.stats.deliveries.get() + 1);
+    }
+
+    fn test_drop_due(&self) -> bool {
+        let every = self.cfg.test_drop_delivery_every;
+        every > 0 && (self.stats.deliveries.get() + 1) % every == 0
     }
 
     /// After a commit: hands a just-stored item to the user's online devices that are caught
