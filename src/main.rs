@@ -62,6 +62,12 @@ enum Cmd {
         /// Overrides store.sync (always, batch, none).
         #[arg(long, value_parser = parse_sync)]
         sync: Option<SyncPolicy>,
+        /// Overrides cluster.node_id.
+        #[arg(long)]
+        node_id: Option<u32>,
+        /// Overrides cluster.nodes.
+        #[arg(long)]
+        nodes: Option<u32>,
     },
     /// Mint a login token signed with the configured key.
     Token {
@@ -143,13 +149,30 @@ fn init_logging() {
         .init();
 }
 
-fn run(
-    cfg: &ConfigArgs,
+/// Flag overrides of `gatehouse run` (they win over the file).
+struct RunOverrides {
     listen: Option<std::net::SocketAddr>,
     shards: Option<usize>,
     sync: Option<SyncPolicy>,
-) -> anyhow::Result<()> {
+    node_id: Option<u32>,
+    nodes: Option<u32>,
+}
+
+fn run(cfg: &ConfigArgs, o: RunOverrides) -> anyhow::Result<()> {
+    let RunOverrides {
+        listen,
+        shards,
+        sync,
+        node_id,
+        nodes,
+    } = o;
     let mut config = load(cfg)?;
+    if let Some(n) = node_id {
+        config.cluster.node_id = n;
+    }
+    if let Some(n) = nodes {
+        config.cluster.nodes = n;
+    }
     if let Some(l) = listen {
         config.server.listen = l;
     }
@@ -292,20 +315,34 @@ fn recv(cfg: &ConfigArgs, who: &ClientArgs, wait_s: u64, no_ack: bool) -> anyhow
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let result = match cli.command.unwrap_or(Cmd::Run {
+    let default_run = Cmd::Run {
         cfg: ConfigArgs::default(),
         listen: None,
         shards: None,
         sync: None,
-    }) {
+        node_id: None,
+        nodes: None,
+    };
+    let result = match cli.command.unwrap_or(default_run) {
         Cmd::Run {
             cfg,
             listen,
             shards,
             sync,
+            node_id,
+            nodes,
         } => {
             init_logging();
-            run(&cfg, listen, shards, sync)
+            run(
+                &cfg,
+                RunOverrides {
+                    listen,
+                    shards,
+                    sync,
+                    node_id,
+                    nodes,
+                },
+            )
         }
         Cmd::Token {
             cfg,

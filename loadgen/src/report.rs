@@ -1,0 +1,320 @@
+//! The run's report: progress lines, the final summary table, and the JSON file with the
+//! configuration, machine facts, counters, loss accounting and full latency percentiles.
+
+use std::collections::BTreeMap;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use hdrhistogram::Histogram;
+use serde::Serialize;
+
+use crate::args::{RunArgs, Scenario};
+use crate::stats::{decode_hist, histogram, Counters, LossReport, Percentiles};
+use crate::worker::WorkerResult;
+
+/// Sum of RssAnon (KiB) over `pids`; `None` without pids or if one is unreadable.
+pub fn rss_anon_kib(pids: &[u32]) -> Option<u64> {
+    if pids.is_empty() {
+        return None;
+    }
+    let mut total = 0;
+    for pid in pids {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+        let kib: u64 = status
+            .lines()
+            .find(|l| l.starts_with("RssAnon:"))?
+            .split_whitespace()
+            .nth(1)?
+            .parse()
+            .ok()?;
+        total += kib;
+    }
+    Some(total)
+}
+
+/// Prints one progress line (to stderr, so stdout stays clean for scripts).
+pub fn progress_line(
+    elapsed: Duration,
+    prev: &Counters,
+    now: &Counters,
+    dt: Duration,
+    interval: &Histogram<u64>,
+) {
+    let s = dt.as_secs_f64().max(1e-3);
+    let rate = |a: u64, b: u64| (a.saturating_sub(b)) as f64 / s;
+    let errors: u64 = now.errors.values().sum();
+    let p = |q| {
+        if interval.is_empty() {
+            0
+        } else {
+            interval.value_at_quantile(q)
+        }
+    };
+    eprintln!(
+        "[{:>5.0}s] connected {:>8} (+{:>6.0}/s)  sent {:>8.0}/s  acked {:>8.0}/s  delivered {:>8.0}/s  errors {:>5}  deliver p50 {:>6}us p99 {:>7}us p99.9 {:>7}us",
+        elapsed.as_secs_f64(),
+        now.connected,
+        rate(now.logins, prev.logins),
+        rate(now.sent, prev.sent),
+        rate(now.acked, prev.acked),
+        rate(now.delivered, prev.delivered),
+        errors,
+        p(0.5),
+        p(0.99),
+        p(0.999),
+    );
+}
+
+fn read(path: &str) -> Option<String> {
+    std::fs::read_to_string(path)
+        .ok()
+        .map(|s| s.trim().to_string())
+}
+
+/// Facts about the machine the run used.
+#[derive(Debug, Serialize)]
+pub struct Machine {
+    /// CPUs online.
+    pub cpus: usize,
+    /// Memory, KiB.
+    pub mem_total_kib: Option<u64>,
+    /// Kernel release.
+    pub kernel: Option<String>,
+    /// CPU model.
+    pub cpu_model: Option<String>,
+    /// Relevant sysctls.
+    pub sysctls: BTreeMap<String, String>,
+    /// This process's RLIMIT_NOFILE (soft).
+    pub nofile_limit: u64,
+}
+
+impl Machine {
+    fn read(nofile_limit: u64) -> Machine {
+        let sysctls = [
+            "net/core/somaxconn",
+            "net/ipv4/tcp_max_syn_backlog",
+            "net/ipv4/ip_local_port_range",
+            "net/ipv4/tcp_mem",
+            "net/ipv4/tcp_rmem",
+            "net/ipv4/tcp_wmem",
+            "fs/file-max",
+            "fs/nr_open",
+            "kernel/io_uring_disabled",
+        ]
+        .iter()
+        .filter_map(|k| read(&format!("/proc/sys/{k}")).map(|v| (k.replace('/', "."), v)))
+        .collect();
+        let meminfo = read("/proc/meminfo").unwrap_or_default();
+        Machine {
+            cpus: std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1),
+            mem_total_kib: meminfo
+                .lines()
+                .find(|l| l.starts_with("MemTotal:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok()),
+            kernel: read("/proc/sys/kernel/osrelease"),
+            cpu_model: read("/proc/cpuinfo").and_then(|c| {
+                c.lines()
+                    .find(|l| l.starts_with("model name"))
+                    .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
+            }),
+            sysctls,
+            nofile_limit,
+        }
+    }
+}
+
+/// The whole report.
+#[derive(Debug, Serialize)]
+pub struct Report {
+    /// Options of the run.
+    pub config: RunArgs,
+    /// Worker processes.
+    pub procs: usize,
+    /// Machine facts.
+    pub machine: Machine,
+    /// Wall time of the run, s.
+    pub elapsed_s: f64,
+    /// Counters, all workers.
+    pub counters: Counters,
+    /// Loss accounting, all workers.
+    pub loss: LossReport,
+    /// Latency percentiles by name (login, ack, deliver).
+    pub latency: BTreeMap<String, Percentiles>,
+    /// Most connections logged in at once.
+    pub max_connected: u64,
+    /// Connect phase, s (slowest worker).
+    pub connect_s: f64,
+    /// Logins per second during the connect phase.
+    pub login_rate: f64,
+    /// Main phase, s (slowest worker).
+    pub main_s: f64,
+    /// Drain phase, s (slowest worker).
+    pub drain_s: f64,
+    /// Acknowledged messages per second over the main phase.
+    pub acked_per_s: f64,
+    /// Offline: messages delivered per second over the drain phase.
+    pub drain_per_s: f64,
+    /// Idle: connections that answered the final PING.
+    pub final_pongs: u64,
+    /// Gateway RssAnon before the run, KiB (with --gateway-pids).
+    pub gateway_rss_before_kib: Option<u64>,
+    /// Gateway RssAnon with the connections up, KiB.
+    pub gateway_rss_connected_kib: Option<u64>,
+    /// Gateway memory per connection, bytes.
+    pub gateway_bytes_per_connection: Option<f64>,
+}
+
+impl Report {
+    /// Merges worker results.
+    #[allow(clippy::too_many_arguments)]
+    pub fn build(
+        args: &RunArgs,
+        procs: usize,
+        fd_limit: u64,
+        elapsed: Duration,
+        results: Vec<WorkerResult>,
+        rss_before: Option<u64>,
+        rss_connected: Option<u64>,
+        max_connected: u64,
+    ) -> anyhow::Result<Report> {
+        let mut counters = Counters::default();
+        let mut loss = LossReport::default();
+        let mut hists: BTreeMap<String, Histogram<u64>> = BTreeMap::new();
+        let (mut connect_s, mut main_s, mut drain_s, mut final_pongs) = (0f64, 0f64, 0f64, 0);
+        for r in &results {
+            counters.add(&r.counters);
+            loss.add(&r.loss);
+            for (name, h) in &r.hists {
+                let _ = hists
+                    .entry(name.clone())
+                    .or_insert_with(histogram)
+                    .add(decode_hist(h)?);
+            }
+            connect_s = connect_s.max(r.connect_s);
+            main_s = main_s.max(r.main_s);
+            drain_s = drain_s.max(r.drain_s);
+            final_pongs += r.final_pongs;
+        }
+        let per_conn = match (rss_before, rss_connected) {
+            (Some(a), Some(b)) if max_connected > 0 => {
+                Some((b.saturating_sub(a)) as f64 * 1024.0 / max_connected as f64)
+            }
+            _ => None,
+        };
+        Ok(Report {
+            config: args.clone(),
+            procs,
+            machine: Machine::read(fd_limit),
+            elapsed_s: elapsed.as_secs_f64(),
+            login_rate: counters.logins as f64 / connect_s.max(1e-3),
+            acked_per_s: counters.acked as f64 / main_s.max(1e-3),
+            drain_per_s: if args.scenario == Scenario::Offline {
+                loss.delivered_distinct as f64 / drain_s.max(1e-3)
+            } else {
+                0.0
+            },
+            latency: hists
+                .iter()
+                .map(|(k, h)| (k.clone(), Percentiles::of(h)))
+                .collect(),
+            counters,
+            loss,
+            max_connected,
+            connect_s,
+            main_s,
+            drain_s,
+            final_pongs,
+            gateway_rss_before_kib: rss_before,
+            gateway_rss_connected_kib: rss_connected,
+            gateway_bytes_per_connection: per_conn,
+        })
+    }
+
+    /// Prints the summary table (stdout).
+    pub fn print_summary(&self) {
+        let c = &self.counters;
+        println!("scenario            {:?}", self.config.scenario);
+        println!("users / procs       {} / {}", self.config.users, self.procs);
+        println!(
+            "connected (max)     {}  (login failures {})",
+            self.max_connected, c.connect_failures
+        );
+        println!(
+            "connect phase       {:.1} s  ({:.0} logins/s)",
+            self.connect_s, self.login_rate
+        );
+        println!("main phase          {:.1} s", self.main_s);
+        println!(
+            "sent / acked        {} / {}  ({:.0} acked/s)  refused {}  skipped {}",
+            c.sent, c.acked, self.acked_per_s, c.refused, c.send_skipped
+        );
+        println!(
+            "delivered           {} distinct, {} duplicates, {} reordered",
+            self.loss.delivered_distinct, self.loss.duplicates, self.loss.reordered
+        );
+        if self.config.scenario == Scenario::Offline {
+            println!(
+                "offline drain       {:.1} s  ({:.0} messages/s)",
+                self.drain_s, self.drain_per_s
+            );
+        }
+        println!(
+            "receipts            {} delivered, {} read",
+            c.receipts_delivered, c.receipts_read
+        );
+        if self.config.scenario == Scenario::Idle {
+            println!(
+                "final ping          {} of {} answered",
+                self.final_pongs, self.max_connected
+            );
+        }
+        println!("LOST (acked, never delivered)  {}", self.loss.lost);
+        for (name, p) in &self.latency {
+            if p.count > 0 {
+                println!(
+                    "latency {:<8}    n={} p50={}us p90={}us p99={}us p99.9={}us p99.99={}us max={}us",
+                    name, p.count, p.p50_us, p.p90_us, p.p99_us, p.p99_9_us, p.p99_99_us, p.max_us
+                );
+            }
+        }
+        if !c.errors.is_empty() {
+            println!("errors              {:?}", c.errors);
+        }
+        if let Some(b) = self.gateway_bytes_per_connection {
+            println!("gateway memory      {b:.0} bytes per connection (RssAnon delta)");
+        }
+    }
+
+    /// Exit status: 1 if any acknowledged message was lost, 3 if not every user connected or
+    /// (idle) answered the final ping, else 0.
+    pub fn verdict(&self) -> ExitCode {
+        if self.loss.lost > 0 {
+            eprintln!(
+                "loadgen: FAILED: {} acknowledged messages were lost, e.g. {:?}",
+                self.loss.lost, self.loss.lost_examples
+            );
+            return ExitCode::from(1);
+        }
+        let expected = match self.config.scenario {
+            Scenario::Offline => self.config.users / 2,
+            _ => self.config.users,
+        };
+        if self.max_connected < expected {
+            eprintln!(
+                "loadgen: INCOMPLETE: only {} of {expected} users were connected at once",
+                self.max_connected
+            );
+            return ExitCode::from(3);
+        }
+        if self.config.scenario == Scenario::Idle && self.final_pongs < self.max_connected {
+            eprintln!(
+                "loadgen: INCOMPLETE: {} of {} connections answered the final ping",
+                self.final_pongs, self.max_connected
+            );
+            return ExitCode::from(3);
+        }
+        ExitCode::SUCCESS
+    }
+}

@@ -1,0 +1,998 @@
+//! A worker process: one pinned glommio executor per core, each driving its slice of the
+//! worker's users over real connections, and reporting progress and results as JSON lines on
+//! stdout for the coordinator.
+//!
+//! Users of a worker only message users of the same worker (and of the same gateway node), so
+//! each worker checks its own losses exactly; the coordinator adds the reports up.
+
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd};
+use std::pin::Pin;
+use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{mpsc, Arc};
+use std::task::{Context, Poll, Waker};
+use std::time::{Duration, Instant};
+
+use bytes::BytesMut;
+use futures_lite::future::poll_fn;
+use futures_lite::{AsyncRead, AsyncWrite};
+use glommio::net::TcpStream;
+use glommio::{LocalExecutorBuilder, Placement};
+use hdrhistogram::Histogram;
+use serde::{Deserialize, Serialize};
+use socket2::{Domain, Protocol, Socket, Type};
+
+use gatehouse::auth::TokenKeys;
+use gatehouse::ids::{owner_node, DeviceId, ServerMsgId, UserId};
+use gatehouse::proto::{
+    split_frame, ClientFrame, ErrorCode, ReceiptKind, ServerFrame, HELLO_MAGIC, PROTOCOL_VERSION,
+};
+
+use crate::args::{parse_src_ips, RunArgs, Scenario};
+use crate::stats::{check_loss, encode_hist, histogram, Counters, LossReport, PairSeq};
+use crate::wire::{client_msg_id, split_client_msg_id, BodyHeader};
+
+/// Client-side output buffered per connection before sends are skipped (counted).
+const OUT_BYTES_MAX: usize = 4 * 1024 * 1024;
+/// Offline scenario: SENDs one sender keeps in flight.
+const OFFLINE_WINDOW: u32 = 256;
+/// Marks the nonce of the final PING (idle), so keepalive PONGs are not counted as answers.
+const FINAL_PING: u64 = 1 << 63;
+/// Read scratch per executor.
+const SCRATCH_BYTES: usize = 64 * 1024;
+
+/// What a worker prints on stdout, one JSON object per line.
+#[derive(Debug, Serialize, Deserialize)]
+pub enum WorkerLine {
+    /// Once a second.
+    Progress {
+        /// Counters so far.
+        counters: Counters,
+        /// Send→deliver latency of the last interval (serialized histogram).
+        deliver_hist: String,
+    },
+    /// At the end.
+    Result(Box<WorkerResult>),
+}
+
+/// A worker's final result.
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub struct WorkerResult {
+    /// Counters.
+    pub counters: Counters,
+    /// Loss accounting.
+    pub loss: LossReport,
+    /// Histograms (serialized): login, ack (intended send → SEND_ACK), deliver (intended
+    /// send → DELIVER), drain (offline: recipient login → delivery).
+    pub hists: HashMap<String, String>,
+    /// Seconds the connect phase took.
+    pub connect_s: f64,
+    /// Seconds the main phase took.
+    pub main_s: f64,
+    /// Seconds the final drain took (chat/churn: until acked messages arrived; offline: the
+    /// recipients' drain).
+    pub drain_s: f64,
+    /// Connections answering the final PING (idle).
+    pub final_pongs: u64,
+}
+
+/// State shared by the executors of one worker.
+struct Shared {
+    args: RunArgs,
+    epoch: Instant,
+    keys: TokenKeys,
+    src_ips: Vec<Ipv4Addr>,
+    /// Global user indices of this worker, grouped by gateway node.
+    by_node: Vec<Vec<u32>>,
+    /// Online flag per global index − worker's first index.
+    online: Vec<AtomicBool>,
+    first_index: u32,
+    /// Executors that finished the current phase.
+    phase_done: AtomicUsize,
+    /// Sends not yet answered, all executors.
+    inflight: AtomicU64,
+    acked: AtomicU64,
+    delivered: AtomicU64,
+    receipts: AtomicU64,
+    stop: AtomicBool,
+    connect_gap_ns: u64,
+    cores: usize,
+}
+
+impl Shared {
+    fn online(&self, idx: u32) -> bool {
+        self.online[(idx - self.first_index) as usize].load(Ordering::Relaxed)
+    }
+    fn set_online(&self, idx: u32, v: bool) {
+        self.online[(idx - self.first_index) as usize].store(v, Ordering::Relaxed)
+    }
+    fn now_ns(&self) -> u64 {
+        self.epoch.elapsed().as_nanos() as u64
+    }
+    fn user(&self, idx: u32) -> UserId {
+        UserId(self.args.first_user + u64::from(idx))
+    }
+    fn node_of(&self, idx: u32) -> usize {
+        owner_node(self.user(idx), self.args.gateways.len()) as usize
+    }
+    /// Waits until every executor reached its `generation`-th barrier (phases in lock-step).
+    async fn barrier(&self, generation: usize) {
+        self.phase_done.fetch_add(1, Ordering::SeqCst);
+        while self.phase_done.load(Ordering::SeqCst) < generation * self.cores {
+            glommio::timer::sleep(Duration::from_millis(2)).await;
+        }
+    }
+}
+
+/// One client connection.
+struct LConn {
+    idx: u32,
+    out: RefCell<Vec<u8>>,
+    out_off: Cell<usize>,
+    partial: RefCell<Vec<u8>>,
+    waker: RefCell<Option<Waker>>,
+    ready: Cell<bool>,
+    closing: Cell<bool>,
+    done: Cell<bool>,
+    inflight: Cell<u32>,
+    started: Instant,
+}
+
+impl LConn {
+    fn new(idx: u32) -> LConn {
+        LConn {
+            idx,
+            out: RefCell::new(Vec::new()),
+            out_off: Cell::new(0),
+            partial: RefCell::new(Vec::new()),
+            waker: RefCell::new(None),
+            ready: Cell::new(false),
+            closing: Cell::new(false),
+            done: Cell::new(false),
+            inflight: Cell::new(0),
+            started: Instant::now(),
+        }
+    }
+    fn push(&self, f: &ClientFrame) {
+        let mut b = BytesMut::new();
+        f.encode(&mut b);
+        self.out.borrow_mut().extend_from_slice(&b);
+        if let Some(w) = self.waker.borrow_mut().take() {
+            w.wake();
+        }
+    }
+    fn wake(&self) {
+        if let Some(w) = self.waker.borrow_mut().take() {
+            w.wake();
+        }
+    }
+}
+
+/// Per-executor state.
+struct Exec {
+    sh: Arc<Shared>,
+    users: Vec<u32>,
+    conns: RefCell<HashMap<u32, Rc<LConn>>>,
+    scratch: RefCell<Vec<u8>>,
+    counters: RefCell<Counters>,
+    acked: RefCell<Vec<PairSeq>>,
+    delivered: RefCell<Vec<PairSeq>>,
+    next_seq: RefCell<HashMap<(u32, u32), u32>>,
+    intended: RefCell<HashMap<(u32, u64), u64>>,
+    h_login: RefCell<Histogram<u64>>,
+    h_ack: RefCell<Histogram<u64>>,
+    h_deliver: RefCell<Histogram<u64>>,
+    h_interval: RefCell<Histogram<u64>>,
+    rng: RefCell<fastrand::Rng>,
+    /// Barriers this executor has passed.
+    barriers: Cell<usize>,
+    /// This executor's index in the worker.
+    index: usize,
+    /// Answers to the final PING.
+    final_pongs: Cell<u64>,
+}
+
+impl Exec {
+    async fn barrier(&self) {
+        let g = self.barriers.get() + 1;
+        self.barriers.set(g);
+        self.sh.barrier(g).await;
+    }
+}
+
+fn record(h: &RefCell<Histogram<u64>>, us: u64) {
+    let _ = h.borrow_mut().record(us.max(1));
+}
+
+impl Exec {
+    fn token(&self, idx: u32) -> String {
+        let expiry = gatehouse_now_s() + 24 * 3600;
+        self.sh.keys.mint(self.sh.user(idx), DeviceId(1), expiry)
+    }
+
+    fn connect(&self, idx: u32) -> std::io::Result<TcpStream> {
+        let gw = self.sh.args.gateways[self.sh.node_of(idx)];
+        let sock = Socket::new(
+            Domain::for_address(gw),
+            Type::STREAM.cloexec(),
+            Some(Protocol::TCP),
+        )?;
+        sock.set_nonblocking(true)?;
+        sock.set_nodelay(true)?;
+        if gw.is_ipv4() {
+            let src = self.sh.src_ips[idx as usize % self.sh.src_ips.len()];
+            // IP_BIND_ADDRESS_NO_PORT: pick the port at connect time, per (src, dst) 4-tuple,
+            // so that ephemeral ports are never the limit.
+            let one: libc::c_int = 1;
+            // SAFETY: setsockopt with a valid fd and a c_int option value.
+            unsafe {
+                libc::setsockopt(
+                    sock.as_raw_fd(),
+                    libc::IPPROTO_IP,
+                    libc::IP_BIND_ADDRESS_NO_PORT,
+                    &one as *const _ as *const libc::c_void,
+                    std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+                );
+            }
+            sock.bind(&SocketAddr::new(IpAddr::V4(src), 0).into())?;
+        }
+        match sock.connect(&gw.into()) {
+            Ok(()) => {}
+            Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
+            Err(e) => return Err(e),
+        }
+        // SAFETY: a connecting TCP socket we own; ownership moves into the stream.
+        Ok(unsafe { TcpStream::from_raw_fd(sock.into_raw_fd()) })
+    }
+
+    /// Opens (or reopens) the connection of user `idx` and serves it until it ends.
+    fn spawn_conn(self: &Rc<Self>, idx: u32) -> Rc<LConn> {
+        let c = Rc::new(LConn::new(idx));
+        self.conns.borrow_mut().insert(idx, c.clone());
+        let ex = self.clone();
+        let c2 = c.clone();
+        glommio::spawn_local(async move { ex.serve(c2).await }).detach();
+        c
+    }
+
+    async fn serve(self: Rc<Self>, c: Rc<LConn>) {
+        let mut stream = match self.connect(c.idx) {
+            Ok(s) => s,
+            Err(e) => {
+                self.fail(&c, &format!("connect: {}", e.kind()));
+                return;
+            }
+        };
+        c.push(&ClientFrame::Hello {
+            magic: HELLO_MAGIC,
+            min_version: PROTOCOL_VERSION,
+            max_version: PROTOCOL_VERSION,
+        });
+        let token = self.token(c.idx);
+        c.push(&ClientFrame::Login {
+            user: self.sh.user(c.idx),
+            device: DeviceId(1),
+            token: token.into_bytes().into(),
+        });
+        let outcome = poll_fn(|cx| self.poll_conn(&c, &mut stream, cx)).await;
+        if let Err(e) = outcome {
+            self.fail(&c, &format!("io: {}", e.kind()));
+            return;
+        }
+        self.closed(&c);
+    }
+
+    fn fail(&self, c: &LConn, why: &str) {
+        let mut k = self.counters.borrow_mut();
+        if !c.ready.get() {
+            k.connect_failures += 1;
+        }
+        k.error(why);
+        drop(k);
+        self.closed(c);
+    }
+
+    fn closed(&self, c: &LConn) {
+        if c.ready.replace(false) {
+            self.counters.borrow_mut().connected -= 1;
+            self.sh.set_online(c.idx, false);
+        }
+        self.sh
+            .inflight
+            .fetch_sub(u64::from(c.inflight.replace(0)), Ordering::Relaxed);
+        c.done.set(true);
+    }
+
+    fn poll_conn(
+        &self,
+        c: &LConn,
+        stream: &mut TcpStream,
+        cx: &mut Context<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        *c.waker.borrow_mut() = Some(cx.waker().clone());
+        for _ in 0..16 {
+            // Flush.
+            loop {
+                let out = c.out.borrow();
+                let off = c.out_off.get();
+                if off >= out.len() {
+                    break;
+                }
+                match Pin::new(&mut *stream).poll_write(cx, &out[off..]) {
+                    Poll::Ready(Ok(n)) => {
+                        drop(out);
+                        c.out_off.set(off + n);
+                        if off + n == c.out.borrow().len() {
+                            c.out.borrow_mut().clear();
+                            c.out_off.set(0);
+                        }
+                    }
+                    Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                    Poll::Pending => break,
+                }
+            }
+            if c.closing.get() && c.out.borrow().is_empty() {
+                return Poll::Ready(Ok(()));
+            }
+            let mut scratch = self.scratch.borrow_mut();
+            match Pin::new(&mut *stream).poll_read(cx, &mut scratch[..]) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Ok(0)) => {
+                    if !c.closing.get() {
+                        self.counters.borrow_mut().error("closed_by_server");
+                    }
+                    return Poll::Ready(Ok(()));
+                }
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Ready(Ok(n)) => {
+                    let mut partial = c.partial.borrow_mut();
+                    if partial.is_empty() {
+                        let used = self.process(c, &scratch[..n]);
+                        partial.extend_from_slice(&scratch[used..n]);
+                    } else {
+                        partial.extend_from_slice(&scratch[..n]);
+                        let used = self.process(c, &partial);
+                        partial.drain(..used);
+                    }
+                }
+            }
+        }
+        cx.waker().wake_by_ref();
+        Poll::Pending
+    }
+
+    /// Handles the frames in `data`; returns the bytes consumed.
+    fn process(&self, c: &LConn, data: &[u8]) -> usize {
+        let mut off = 0;
+        let mut acks: Vec<ServerMsgId> = Vec::new();
+        let now_ns = self.sh.now_ns();
+        loop {
+            let raw = match split_frame(&data[off..], gatehouse::limits::FRAME_BYTES_MAX_CEILING) {
+                Ok(Some(raw)) => raw,
+                Ok(None) => break,
+                Err(e) => {
+                    self.counters
+                        .borrow_mut()
+                        .error(&format!("bad frame from server: {e}"));
+                    c.closing.set(true);
+                    return data.len();
+                }
+            };
+            off += raw.total_bytes;
+            let frame = match ServerFrame::decode(raw.frame_type, raw.payload) {
+                Ok(f) => f,
+                Err(e) => {
+                    self.counters
+                        .borrow_mut()
+                        .error(&format!("bad frame from server: {e}"));
+                    continue;
+                }
+            };
+            self.handle(c, frame, now_ns, &mut acks);
+        }
+        for chunk in acks.chunks(gatehouse::limits::ACK_IDS_MAX) {
+            c.push(&ClientFrame::Ack {
+                ids: chunk.to_vec(),
+            });
+        }
+        off
+    }
+
+    fn handle(&self, c: &LConn, frame: ServerFrame, now_ns: u64, acks: &mut Vec<ServerMsgId>) {
+        let mut k = self.counters.borrow_mut();
+        match frame {
+            ServerFrame::HelloOk { .. } => {}
+            ServerFrame::LoginOk { .. } => {
+                c.ready.set(true);
+                k.logins += 1;
+                k.connected += 1;
+                k.connected_peak = k.connected_peak.max(k.connected);
+                self.sh.set_online(c.idx, true);
+                record(&self.h_login, c.started.elapsed().as_micros() as u64);
+            }
+            ServerFrame::SendAck { client_msg_id, .. } => {
+                k.acked += 1;
+                c.inflight.set(c.inflight.get().saturating_sub(1));
+                self.sh.inflight.fetch_sub(1, Ordering::Relaxed);
+                self.sh.acked.fetch_add(1, Ordering::Relaxed);
+                let (recipient, seq) = split_client_msg_id(client_msg_id);
+                self.acked.borrow_mut().push((c.idx, recipient, seq));
+                if let Some(t) = self.intended.borrow_mut().remove(&(c.idx, client_msg_id)) {
+                    record(&self.h_ack, now_ns.saturating_sub(t) / 1000);
+                }
+            }
+            ServerFrame::Deliver {
+                server_msg_id,
+                body,
+                ..
+            } => {
+                k.delivered += 1;
+                self.sh.delivered.fetch_add(1, Ordering::Relaxed);
+                acks.push(server_msg_id);
+                match BodyHeader::decode(&body) {
+                    Some(h) if h.recipient == c.idx => {
+                        self.delivered
+                            .borrow_mut()
+                            .push((h.sender, h.recipient, h.seq));
+                        let us = now_ns.saturating_sub(h.intended_ns) / 1000;
+                        record(&self.h_deliver, us);
+                        record(&self.h_interval, us);
+                    }
+                    _ => k.error("misdelivered"),
+                }
+            }
+            ServerFrame::Receipt {
+                receipt_id, kind, ..
+            } => {
+                acks.push(receipt_id);
+                self.sh.receipts.fetch_add(1, Ordering::Relaxed);
+                match kind {
+                    ReceiptKind::Delivered => k.receipts_delivered += 1,
+                    ReceiptKind::Read => k.receipts_read += 1,
+                }
+            }
+            ServerFrame::Pong { nonce } => {
+                k.pongs += 1;
+                if nonce & FINAL_PING != 0 {
+                    self.final_pongs.set(self.final_pongs.get() + 1);
+                }
+            }
+            ServerFrame::GoAway { reason, .. } => {
+                k.error(&format!("go_away_{reason:?}").to_lowercase());
+                c.closing.set(true);
+            }
+            ServerFrame::Error {
+                code,
+                fatal,
+                ref_id,
+                ..
+            } => {
+                let name = ErrorCode::from_u16(code).map_or("unknown", ErrorCode::name);
+                k.error(name);
+                if matches!(
+                    ErrorCode::from_u16(code),
+                    Some(
+                        ErrorCode::QueueFull
+                            | ErrorCode::StoreFailed
+                            | ErrorCode::Overloaded
+                            | ErrorCode::WrongNode
+                            | ErrorCode::BodyTooLarge
+                            | ErrorCode::BadRecipient
+                    )
+                ) && ref_id != 0
+                {
+                    k.refused += 1;
+                    c.inflight.set(c.inflight.get().saturating_sub(1));
+                    self.sh.inflight.fetch_sub(1, Ordering::Relaxed);
+                    self.intended.borrow_mut().remove(&(c.idx, ref_id));
+                }
+                if fatal {
+                    c.closing.set(true);
+                }
+            }
+        }
+    }
+
+    /// Queues a SEND from `sender` to `recipient`, intended at `intended_ns`.
+    fn send(&self, sender: &LConn, recipient: u32, intended_ns: u64) -> bool {
+        if sender.out.borrow().len() > OUT_BYTES_MAX {
+            self.counters.borrow_mut().send_skipped += 1;
+            return false;
+        }
+        let seq = {
+            let mut m = self.next_seq.borrow_mut();
+            let s = m.entry((sender.idx, recipient)).or_insert(0);
+            *s += 1;
+            *s
+        };
+        let body = BodyHeader {
+            sender: sender.idx,
+            recipient,
+            seq,
+            intended_ns,
+        }
+        .encode(self.sh.args.body_bytes);
+        let id = client_msg_id(recipient, seq);
+        self.intended
+            .borrow_mut()
+            .insert((sender.idx, id), intended_ns);
+        sender.push(&ClientFrame::Send {
+            client_msg_id: id,
+            recipient: self.sh.user(recipient),
+            body: body.into(),
+        });
+        sender.inflight.set(sender.inflight.get() + 1);
+        self.sh.inflight.fetch_add(1, Ordering::Relaxed);
+        self.counters.borrow_mut().sent += 1;
+        true
+    }
+
+    /// Connects `users` at the configured rate and waits until each logged in or failed.
+    async fn connect_all(self: &Rc<Self>, users: &[u32]) {
+        let gap = Duration::from_nanos(self.sh.connect_gap_ns);
+        let start = Instant::now();
+        for (i, &idx) in users.iter().enumerate() {
+            let due = start + gap * (i as u32);
+            let now = Instant::now();
+            if due > now + Duration::from_millis(1) {
+                glommio::timer::sleep(due - now).await;
+            }
+            if self.sh.stop.load(Ordering::Relaxed) {
+                return;
+            }
+            self.spawn_conn(idx);
+        }
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            let pending = self
+                .conns
+                .borrow()
+                .values()
+                .filter(|c| !c.ready.get() && !c.done.get())
+                .count();
+            if pending == 0 {
+                break;
+            }
+            glommio::timer::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    fn ready_conns(&self) -> Vec<Rc<LConn>> {
+        self.conns
+            .borrow()
+            .values()
+            .filter(|c| c.ready.get())
+            .cloned()
+            .collect()
+    }
+
+    /// Open-loop sending at this executor's share of `--rate` for `--duration-s`.
+    async fn chat(self: &Rc<Self>, churn: bool) {
+        let sh = self.sh.clone();
+        let workers_cores = (sh.cores * num_workers()) as f64;
+        let rate = sh.args.rate as f64 / workers_cores;
+        let churn_rate = sh.args.churn_rate as f64 / workers_cores;
+        let t0 = Instant::now();
+        let t0_ns = sh.now_ns();
+        let duration = Duration::from_secs(sh.args.duration_s);
+        let mut k: u64 = 0;
+        let mut churned: u64 = 0;
+        let mut senders = self.ready_conns();
+        let mut refreshed = Instant::now();
+        while t0.elapsed() < duration && !sh.stop.load(Ordering::Relaxed) {
+            glommio::timer::sleep(Duration::from_millis(1)).await;
+            if refreshed.elapsed() > Duration::from_millis(200) {
+                senders = self.ready_conns();
+                refreshed = Instant::now();
+            }
+            let elapsed = t0.elapsed().as_secs_f64();
+            let due = (elapsed * rate) as u64;
+            while k < due {
+                let intended = t0_ns + (k as f64 * 1e9 / rate) as u64;
+                k += 1;
+                if senders.is_empty() {
+                    self.counters.borrow_mut().error("no_online_sender");
+                    continue;
+                }
+                let s = &senders[self.rng.borrow_mut().usize(..senders.len())];
+                if !s.ready.get() {
+                    self.counters.borrow_mut().error("sender_offline");
+                    continue;
+                }
+                let group = &sh.by_node[sh.node_of(s.idx)];
+                let mut peer = None;
+                for _ in 0..8 {
+                    let p = group[self.rng.borrow_mut().usize(..group.len())];
+                    if p != s.idx && sh.online(p) {
+                        peer = Some(p);
+                        break;
+                    }
+                }
+                match peer {
+                    Some(p) => {
+                        self.send(s, p, intended);
+                    }
+                    None => self.counters.borrow_mut().error("no_online_peer"),
+                }
+            }
+            if churn {
+                let due = (elapsed * churn_rate) as u64;
+                while churned < due {
+                    churned += 1;
+                    let ready = self.ready_conns();
+                    if ready.is_empty() {
+                        break;
+                    }
+                    let victim = ready[self.rng.borrow_mut().usize(..ready.len())].clone();
+                    victim.closing.set(true);
+                    victim.wake();
+                    let ex = self.clone();
+                    glommio::spawn_local(async move {
+                        while !victim.done.get() {
+                            glommio::timer::sleep(Duration::from_millis(5)).await;
+                        }
+                        ex.spawn_conn(victim.idx);
+                    })
+                    .detach();
+                }
+            }
+        }
+    }
+
+    /// Offline scenario, phase A: queue this executor's share of `--messages` from its senders
+    /// to offline recipients of the same node, at most `OFFLINE_WINDOW` in flight per sender.
+    async fn queue_offline(
+        self: &Rc<Self>,
+        senders: &[Rc<LConn>],
+        recipients_by_node: &HashMap<usize, Vec<u32>>,
+        count: u64,
+    ) {
+        let mut sent = 0u64;
+        let mut i = 0usize;
+        let deadline = Instant::now() + Duration::from_secs(self.sh.args.max_run_s);
+        while sent < count && Instant::now() < deadline {
+            let mut progressed = false;
+            for _ in 0..senders.len() {
+                let s = &senders[i % senders.len()];
+                i += 1;
+                if !s.ready.get() || s.inflight.get() >= OFFLINE_WINDOW {
+                    continue;
+                }
+                let Some(group) = recipients_by_node.get(&self.sh.node_of(s.idx)) else {
+                    continue;
+                };
+                let r = group[(sent as usize) % group.len()];
+                self.send(s, r, self.sh.now_ns());
+                sent += 1;
+                progressed = true;
+                if sent == count {
+                    break;
+                }
+            }
+            if !progressed || sent % 1024 == 0 {
+                glommio::timer::sleep(Duration::from_micros(200)).await;
+            }
+        }
+    }
+
+    async fn ping_all_and_count(self: &Rc<Self>) -> u64 {
+        let conns = self.ready_conns();
+        for (i, c) in conns.iter().enumerate() {
+            c.push(&ClientFrame::Ping {
+                nonce: FINAL_PING | i as u64,
+            });
+        }
+        self.counters.borrow_mut().pings += conns.len() as u64;
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while self.final_pongs.get() < conns.len() as u64 && Instant::now() < deadline {
+            glommio::timer::sleep(Duration::from_millis(10)).await;
+        }
+        self.final_pongs.get()
+    }
+
+    /// Idle: keepalive pings spread over `--ping-interval-s` until the hold time ends.
+    async fn hold(self: &Rc<Self>) {
+        let hold = Duration::from_secs(self.sh.args.duration_s);
+        let interval = self.sh.args.ping_interval_s.max(1) as f64;
+        let t0 = Instant::now();
+        let mut pinged = 0u64;
+        while t0.elapsed() < hold && !self.sh.stop.load(Ordering::Relaxed) {
+            glommio::timer::sleep(Duration::from_millis(100)).await;
+            let conns = self.ready_conns();
+            let due = (t0.elapsed().as_secs_f64() / interval * conns.len() as f64) as u64;
+            while pinged < due && !conns.is_empty() {
+                conns[(pinged as usize) % conns.len()].push(&ClientFrame::Ping { nonce: pinged });
+                pinged += 1;
+                self.counters.borrow_mut().pings += 1;
+            }
+        }
+    }
+
+    /// Waits until everything acknowledged has arrived (and receipts, for chat), or timeout.
+    async fn drain(&self, want_receipts: bool) -> f64 {
+        let t0 = Instant::now();
+        let timeout = Duration::from_secs(self.sh.args.drain_timeout_s);
+        let sh = &self.sh;
+        while t0.elapsed() < timeout {
+            let acked = sh.acked.load(Ordering::Relaxed);
+            let settled = sh.inflight.load(Ordering::Relaxed) == 0
+                && sh.delivered.load(Ordering::Relaxed) >= acked
+                && (!want_receipts || sh.receipts.load(Ordering::Relaxed) >= acked);
+            if settled {
+                break;
+            }
+            glommio::timer::sleep(Duration::from_millis(10)).await;
+        }
+        t0.elapsed().as_secs_f64()
+    }
+}
+
+fn gatehouse_now_s() -> u64 {
+    gatehouse::runtime::now_ms() / 1000
+}
+
+static WORKERS: AtomicUsize = AtomicUsize::new(1);
+fn num_workers() -> usize {
+    WORKERS.load(Ordering::Relaxed)
+}
+
+/// What one executor hands back at the end.
+struct ExecOut {
+    counters: Counters,
+    acked: Vec<PairSeq>,
+    delivered: Vec<PairSeq>,
+    hists: Vec<(String, Histogram<u64>)>,
+    connect_s: f64,
+    main_s: f64,
+    drain_s: f64,
+    final_pongs: u64,
+}
+
+async fn run_exec(
+    ex: Rc<Exec>,
+    progress: mpsc::Sender<(usize, Counters, Histogram<u64>)>,
+) -> ExecOut {
+    let sh = ex.sh.clone();
+    // Progress reporter: a snapshot of this executor once a second.
+    let reporter = {
+        let ex = ex.clone();
+        glommio::spawn_local(async move {
+            loop {
+                glommio::timer::sleep(Duration::from_secs(1)).await;
+                let h = std::mem::replace(&mut *ex.h_interval.borrow_mut(), histogram());
+                if progress
+                    .send((ex.index, ex.counters.borrow().clone(), h))
+                    .is_err()
+                {
+                    return;
+                }
+            }
+        })
+    };
+    let mut out = ExecOut {
+        counters: Counters::default(),
+        acked: Vec::new(),
+        delivered: Vec::new(),
+        hists: Vec::new(),
+        connect_s: 0.0,
+        main_s: 0.0,
+        drain_s: 0.0,
+        final_pongs: 0,
+    };
+    let t0 = Instant::now();
+    match sh.args.scenario {
+        Scenario::Idle => {
+            ex.connect_all(&ex.users).await;
+            out.connect_s = t0.elapsed().as_secs_f64();
+            ex.barrier().await;
+            let t1 = Instant::now();
+            ex.hold().await;
+            out.final_pongs = ex.ping_all_and_count().await;
+            out.main_s = t1.elapsed().as_secs_f64();
+        }
+        Scenario::Chat | Scenario::Churn => {
+            ex.connect_all(&ex.users).await;
+            out.connect_s = t0.elapsed().as_secs_f64();
+            ex.barrier().await;
+            let t1 = Instant::now();
+            ex.chat(sh.args.scenario == Scenario::Churn).await;
+            out.main_s = t1.elapsed().as_secs_f64();
+            ex.barrier().await;
+            out.drain_s = ex.drain(true).await;
+        }
+        Scenario::Offline => {
+            // Even positions of each node group send, odd positions receive later.
+            let mut senders_idx = std::collections::HashSet::new();
+            let mut recipients_by_node: HashMap<usize, Vec<u32>> = HashMap::new();
+            for (node, group) in sh.by_node.iter().enumerate() {
+                for (pos, &idx) in group.iter().enumerate() {
+                    if pos % 2 == 0 {
+                        if (idx as usize) % sh.cores == ex.index {
+                            senders_idx.insert(idx);
+                        }
+                    } else {
+                        recipients_by_node.entry(node).or_default().push(idx);
+                    }
+                }
+            }
+            let mut senders_list: Vec<u32> = senders_idx.iter().copied().collect();
+            senders_list.sort_unstable();
+            ex.connect_all(&senders_list).await;
+            out.connect_s = t0.elapsed().as_secs_f64();
+            ex.barrier().await;
+            let t1 = Instant::now();
+            let senders = ex.ready_conns();
+            let share = sh.args.messages / (sh.cores * num_workers()) as u64;
+            if !recipients_by_node.is_empty() {
+                ex.queue_offline(&senders, &recipients_by_node, share).await;
+            }
+            while sh.inflight.load(Ordering::Relaxed) > 0
+                && t1.elapsed() < Duration::from_secs(sh.args.max_run_s)
+            {
+                glommio::timer::sleep(Duration::from_millis(5)).await;
+            }
+            out.main_s = t1.elapsed().as_secs_f64();
+            ex.barrier().await;
+            // Phase B: recipients log in and drain.
+            let t2 = Instant::now();
+            let mine: Vec<u32> = ex
+                .users
+                .iter()
+                .copied()
+                .filter(|u| !senders_idx.contains(u))
+                .collect();
+            ex.connect_all(&mine).await;
+            ex.drain(false).await;
+            out.drain_s = t2.elapsed().as_secs_f64();
+        }
+    }
+    ex.barrier().await;
+    reporter.cancel().await;
+    for c in ex.conns.borrow().values() {
+        c.closing.set(true);
+        c.wake();
+    }
+    out.counters = ex.counters.borrow().clone();
+    out.acked = std::mem::take(&mut *ex.acked.borrow_mut());
+    out.delivered = std::mem::take(&mut *ex.delivered.borrow_mut());
+    out.hists = vec![
+        ("login".into(), ex.h_login.borrow().clone()),
+        ("ack".into(), ex.h_ack.borrow().clone()),
+        ("deliver".into(), ex.h_deliver.borrow().clone()),
+    ];
+    glommio::timer::sleep(Duration::from_millis(50)).await;
+    out
+}
+
+/// Runs worker `index` of `workers`: its slice of users, on its executors, printing JSON lines.
+pub fn run(args: RunArgs, index: usize, workers: usize) -> anyhow::Result<()> {
+    WORKERS.store(workers, Ordering::Relaxed);
+    let cpus = gatehouse::server::allowed_cpus();
+    let cores = if args.cores == 0 {
+        cpus.len()
+    } else {
+        args.cores
+    };
+    let lo = (args.users * index as u64 / workers as u64) as u32;
+    let hi = (args.users * (index as u64 + 1) / workers as u64) as u32;
+    let keys = crate::load_keys(&args)?;
+    let nodes = args.gateways.len();
+    let mut by_node: Vec<Vec<u32>> = vec![Vec::new(); nodes];
+    for idx in lo..hi {
+        by_node[owner_node(UserId(args.first_user + u64::from(idx)), nodes) as usize].push(idx);
+    }
+    let per_worker_rate = args.connect_rate as f64 / workers as f64;
+    let sh = Arc::new(Shared {
+        epoch: Instant::now(),
+        keys,
+        src_ips: parse_src_ips(&args.src_ips).map_err(|e| anyhow::anyhow!(e))?,
+        by_node,
+        online: (lo..hi).map(|_| AtomicBool::new(false)).collect(),
+        first_index: lo,
+        phase_done: AtomicUsize::new(0),
+        inflight: AtomicU64::new(0),
+        acked: AtomicU64::new(0),
+        delivered: AtomicU64::new(0),
+        receipts: AtomicU64::new(0),
+        stop: AtomicBool::new(false),
+        connect_gap_ns: (1e9 * cores as f64 / per_worker_rate) as u64,
+        cores,
+        args,
+    });
+    let (ptx, prx) = mpsc::channel::<(usize, Counters, Histogram<u64>)>();
+    let mut handles = Vec::new();
+    for e in 0..cores {
+        let sh = sh.clone();
+        let ptx = ptx.clone();
+        let users: Vec<u32> = (lo..hi).filter(|i| (*i as usize) % cores == e).collect();
+        let h = LocalExecutorBuilder::new(Placement::Fixed(cpus[(index * cores + e) % cpus.len()]))
+            .name(&format!("loadgen-{index}-{e}"))
+            .io_memory(64 * 1024)
+            .spawn(move || async move {
+                let ex = Rc::new(Exec {
+                    sh,
+                    users,
+                    conns: RefCell::new(HashMap::new()),
+                    scratch: RefCell::new(vec![0u8; SCRATCH_BYTES]),
+                    counters: RefCell::new(Counters::default()),
+                    acked: RefCell::new(Vec::new()),
+                    delivered: RefCell::new(Vec::new()),
+                    next_seq: RefCell::new(HashMap::new()),
+                    intended: RefCell::new(HashMap::new()),
+                    h_login: RefCell::new(histogram()),
+                    h_ack: RefCell::new(histogram()),
+                    h_deliver: RefCell::new(histogram()),
+                    h_interval: RefCell::new(histogram()),
+                    rng: RefCell::new(fastrand::Rng::with_seed((index * 1000 + e) as u64)),
+                    barriers: Cell::new(0),
+                    index: e,
+                    final_pongs: Cell::new(0),
+                });
+                run_exec(ex, ptx).await
+            })
+            .map_err(|e| anyhow::anyhow!("starting executor: {e}"))?;
+        handles.push(h);
+    }
+    drop(ptx);
+    // Aggregate progress once a second while executors run.
+    let deadline = Instant::now() + Duration::from_secs(sh.args.max_run_s);
+    let mut latest: HashMap<usize, Counters> = HashMap::new();
+    let mut interval = histogram();
+    let mut last_print = Instant::now();
+    loop {
+        match prx.recv_timeout(Duration::from_millis(200)) {
+            Ok((executor, counters, h)) => {
+                latest.insert(executor, counters);
+                let _ = interval.add(&h);
+            }
+            Err(mpsc::RecvTimeoutError::Disconnected) => break,
+            Err(mpsc::RecvTimeoutError::Timeout) => {}
+        }
+        if last_print.elapsed() >= Duration::from_secs(1) {
+            let mut total = Counters::default();
+            latest.values().for_each(|c| total.add(c));
+            let line = WorkerLine::Progress {
+                counters: total,
+                deliver_hist: encode_hist(&interval),
+            };
+            println!("{}", serde_json::to_string(&line)?);
+            interval = histogram();
+            last_print = Instant::now();
+        }
+        if Instant::now() > deadline {
+            sh.stop.store(true, Ordering::Relaxed);
+        }
+    }
+    let mut result = WorkerResult::default();
+    let mut acked = Vec::new();
+    let mut delivered = Vec::new();
+    let mut hists: HashMap<String, Histogram<u64>> = HashMap::new();
+    for h in handles {
+        let o = h
+            .join()
+            .map_err(|e| anyhow::anyhow!("executor failed: {e}"))?;
+        result.counters.add(&o.counters);
+        acked.extend(o.acked);
+        delivered.extend(o.delivered);
+        for (name, h) in o.hists {
+            let _ = hists.entry(name).or_insert_with(histogram).add(&h);
+        }
+        result.connect_s = result.connect_s.max(o.connect_s);
+        result.main_s = result.main_s.max(o.main_s);
+        result.drain_s = result.drain_s.max(o.drain_s);
+        result.final_pongs += o.final_pongs;
+    }
+    result.loss = check_loss(&acked, &delivered);
+    result.hists = hists
+        .iter()
+        .map(|(k, h)| (k.clone(), encode_hist(h)))
+        .collect();
+    println!(
+        "{}",
+        serde_json::to_string(&WorkerLine::Result(Box::new(result)))?
+    );
+    Ok(())
+}
