@@ -1,0 +1,234 @@
+//! Smoke runs of every scenario against real gateway processes (a few hundred connections, a
+//! few seconds), and proof that the loss check fails when the gateway really drops messages.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+
+const KEY: &str = "0f0e0d0c0b0a09080706050403020100f0e0d0c0b0a090807060504030201000";
+
+/// The gateway binary, built by `cargo test --workspace` (or `cargo build --bin gatehouse`).
+fn gatehouse_bin() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let dir = exe.parent().unwrap().parent().unwrap(); // target/<profile>/deps/.. → target/<profile>
+    let bin = dir.join("gatehouse");
+    assert!(
+        bin.exists(),
+        "{} missing: run `cargo build --bin gatehouse` (or `cargo test --workspace`)",
+        bin.display()
+    );
+    bin
+}
+
+struct Gateway {
+    child: Child,
+    addr: String,
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn gateway(dir: &Path, node: u32, nodes: u32, env: &[(&str, &str)]) -> Gateway {
+    let cfg = dir.join(format!("node{node}.toml"));
+    std::fs::write(
+        &cfg,
+        format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\nshards = 2\n[store]\ndata_dir = {:?}\nmap_size_mib = 256\n[auth]\nkey_hex = \"{KEY}\"\n[cluster]\nnode_id = {node}\nnodes = {nodes}\n",
+            dir.join(format!("data{node}"))
+        ),
+    )
+    .unwrap();
+    let mut cmd = Command::new(gatehouse_bin());
+    cmd.args(["run", "--config"])
+        .arg(&cfg)
+        .env("GATEHOUSE_LOG", "error")
+        .stdout(Stdio::piped());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let mut child = cmd.spawn().unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let addr = line.trim().rsplit(' ').next().unwrap().to_string();
+    Gateway { child, addr }
+}
+
+/// Runs `loadgen run <args>`; returns its exit code and parsed report.
+fn loadgen(dir: &Path, args: &[&str]) -> (i32, serde_json::Value) {
+    let report = dir.join("report.json");
+    let _ = std::fs::remove_file(&report);
+    let out = Command::new(env!("CARGO_BIN_EXE_loadgen"))
+        .arg("run")
+        .args(args)
+        .args(["--key-hex", KEY, "--report"])
+        .arg(&report)
+        .output()
+        .unwrap();
+    let code = out.status.code().unwrap_or(-1);
+    eprintln!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let json = std::fs::read_to_string(&report)
+        .map(|t| serde_json::from_str(&t).unwrap())
+        .unwrap_or(serde_json::Value::Null);
+    (code, json)
+}
+
+fn n(v: &serde_json::Value, path: &str) -> u64 {
+    path.split('.')
+        .fold(v, |v, k| &v[k])
+        .as_u64()
+        .unwrap_or_else(|| panic!("{path} missing in report"))
+}
+
+#[test]
+fn idle_chat_offline_churn_against_two_nodes() {
+    let dir = tempfile::tempdir().unwrap();
+    let g0 = gateway(dir.path(), 0, 2, &[]);
+    let g1 = gateway(dir.path(), 1, 2, &[]);
+    let gws = format!("{},{}", g0.addr, g1.addr);
+    let common = [
+        "--gateway",
+        &gws,
+        "--procs",
+        "2",
+        "--cores",
+        "1",
+        "--duration-s",
+        "2",
+        "--drain-timeout-s",
+        "10",
+    ];
+
+    let mut a = common.to_vec();
+    a.extend(["idle", "--users", "300", "--ping-interval-s", "1"]);
+    let (code, r) = loadgen(dir.path(), &a);
+    assert_eq!(code, 0);
+    assert_eq!(n(&r, "final_pongs"), 300);
+    assert!(
+        n(&r, "counters.pongs") > 300,
+        "keepalive pings were answered too"
+    );
+
+    let mut a = common.to_vec();
+    a.extend([
+        "chat",
+        "--users",
+        "200",
+        "--first-user",
+        "1000",
+        "--rate",
+        "2000",
+    ]);
+    let (code, r) = loadgen(dir.path(), &a);
+    assert_eq!(code, 0);
+    assert!(n(&r, "loss.acked") > 2_000, "acked {}", n(&r, "loss.acked"));
+    assert_eq!(n(&r, "loss.lost"), 0);
+    assert_eq!(n(&r, "loss.reordered"), 0);
+    assert_eq!(
+        n(&r, "counters.receipts_delivered"),
+        n(&r, "loss.acked"),
+        "every delivery produced a receipt"
+    );
+    assert!(
+        r["counters"]["errors"].get("wrong_node").is_none(),
+        "users went to the wrong node"
+    );
+    assert!(n(&r, "latency.deliver.count") > 0);
+
+    let mut a = common.to_vec();
+    a.extend([
+        "offline",
+        "--users",
+        "200",
+        "--first-user",
+        "2000",
+        "--messages",
+        "4000",
+    ]);
+    let (code, r) = loadgen(dir.path(), &a);
+    assert_eq!(code, 0);
+    assert_eq!(n(&r, "loss.acked"), 4000);
+    assert_eq!(n(&r, "loss.delivered_distinct"), 4000);
+    assert_eq!(n(&r, "loss.reordered"), 0);
+
+    let mut a = common.to_vec();
+    a.extend([
+        "churn",
+        "--users",
+        "200",
+        "--first-user",
+        "3000",
+        "--rate",
+        "1000",
+        "--churn-rate",
+        "40",
+    ]);
+    let (code, r) = loadgen(dir.path(), &a);
+    assert_eq!(code, 0);
+    assert!(
+        n(&r, "counters.logins") > 200,
+        "churned users logged in again"
+    );
+    assert_eq!(n(&r, "loss.lost"), 0);
+}
+
+#[test]
+fn loss_check_fails_when_the_gateway_drops_messages() {
+    let dir = tempfile::tempdir().unwrap();
+    let g = gateway(
+        dir.path(),
+        0,
+        1,
+        &[("GATEHOUSE_TEST_DROP_DELIVERY_EVERY", "25")],
+    );
+    let (code, r) = loadgen(
+        dir.path(),
+        &[
+            "chat",
+            "--gateway",
+            &g.addr,
+            "--users",
+            "100",
+            "--rate",
+            "1000",
+            "--duration-s",
+            "2",
+            "--procs",
+            "1",
+            "--cores",
+            "1",
+            "--drain-timeout-s",
+            "2",
+        ],
+    );
+    assert_eq!(
+        code, 1,
+        "loadgen must exit 1 when acknowledged messages are lost"
+    );
+    assert!(n(&r, "loss.lost") > 0);
+}
+
+#[test]
+fn bad_options_fail_clearly() {
+    let out = Command::new(env!("CARGO_BIN_EXE_loadgen"))
+        .args(["run", "chat", "--users", "1", "--key-hex", KEY])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("at least 2 users"));
+    let out = Command::new(env!("CARGO_BIN_EXE_loadgen"))
+        .args(["run", "idle", "--src-ips", "10.0.0.x", "--key-hex", KEY])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--src-ips"));
+}
