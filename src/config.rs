@@ -98,6 +98,10 @@ pub struct RuntimeSection {
     pub heartbeat_ms: u64,
     /// A shard that has queued work but makes no progress for this long counts as stalled.
     pub stall_threshold_ms: u64,
+    /// glommio's preemption timer, µs: how long one task queue may run before the executor
+    /// polls io_uring and lets other queues run. glommio's default (100 ms) puts up to that
+    /// much latency on every message under load; see docs/benchmarks.md.
+    pub preempt_timer_us: u64,
 }
 
 impl Default for RuntimeSection {
@@ -107,6 +111,7 @@ impl Default for RuntimeSection {
             ring_depth: 128,
             heartbeat_ms: limits::HEARTBEAT_MS_DEFAULT,
             stall_threshold_ms: 200,
+            preempt_timer_us: 500,
         }
     }
 }
@@ -328,6 +333,12 @@ impl Config {
         }
         if !self.runtime.ring_depth.is_power_of_two() || self.runtime.ring_depth < 16 {
             return Err(invalid("runtime.ring_depth", "must be a power of two ≥ 16"));
+        }
+        if !(50..=100_000).contains(&self.runtime.preempt_timer_us) {
+            return Err(invalid(
+                "runtime.preempt_timer_us",
+                "must be in 50..=100000",
+            ));
         }
         if self.runtime.stall_threshold_ms == 0 {
             return Err(invalid("runtime.stall_threshold_ms", "must be > 0"));

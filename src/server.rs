@@ -17,7 +17,7 @@ use crate::ids::ShardId;
 use crate::limits;
 use crate::runtime::listener::bind_reuseport;
 use crate::runtime::shard::{Batch, Shard, ShardConfig, ShardSeed};
-use crate::runtime::watchdog::{self, Pulse};
+use crate::runtime::watchdog::{self, Nudge, Pulse};
 use crate::session::SessionParams;
 use crate::store::{QueueLimits, Store};
 
@@ -167,6 +167,7 @@ pub fn start(config: Config) -> anyhow::Result<ServerHandle> {
 
     let stop = Arc::new(AtomicBool::new(false));
     let pulses: Vec<Arc<Pulse>> = (0..shards).map(|_| Arc::new(Pulse::default())).collect();
+    let nudges: Vec<Arc<Nudge>> = (0..shards).map(|_| Arc::new(Nudge::default())).collect();
     let cpus = allowed_cpus();
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
     let mut handles = Vec::with_capacity(shards);
@@ -189,6 +190,7 @@ pub fn start(config: Config) -> anyhow::Result<ServerHandle> {
             cfg: cfg.clone(),
             pulses: pulses.clone(),
             stop: stop.clone(),
+            nudge: nudges[i].clone(),
             ready: ready_tx.clone(),
         };
         let cpu = cpus[(config.server.first_cpu + i) % cpus.len()];
@@ -199,6 +201,9 @@ pub fn start(config: Config) -> anyhow::Result<ServerHandle> {
             .name(&format!("gatehouse-shard-{i}"))
             .io_memory(config.runtime.io_memory_kib * 1024)
             .ring_depth(config.runtime.ring_depth)
+            .preempt_timer(std::time::Duration::from_micros(
+                config.runtime.preempt_timer_us,
+            ))
             .blocking_thread_pool_placement(PoolPlacement::Unbound(1))
             .spawn(move || Shard::run(seed))
             .map_err(|e| anyhow::anyhow!("starting shard {i} on CPU {cpu}: {e}"))?;
@@ -214,6 +219,8 @@ pub fn start(config: Config) -> anyhow::Result<ServerHandle> {
     }
     let watchdog = watchdog::spawn(
         pulses.clone(),
+        nudges,
+        config.runtime.heartbeat_ms,
         config.runtime.stall_threshold_ms,
         stop.clone(),
     );

@@ -30,6 +30,7 @@ use gatehouse::ids::{owner_node, DeviceId, ServerMsgId, UserId};
 use gatehouse::proto::{
     split_frame, ClientFrame, ErrorCode, ReceiptKind, ServerFrame, HELLO_MAGIC, PROTOCOL_VERSION,
 };
+use gatehouse::runtime::watchdog::{self, Nudge, Pulse};
 
 use crate::args::{parse_src_ips, RunArgs, Scenario};
 use crate::stats::{check_loss, encode_hist, histogram, Counters, LossReport, PairSeq};
@@ -761,7 +762,7 @@ async fn run_exec(
         let ex = ex.clone();
         glommio::spawn_local(async move {
             loop {
-                glommio::timer::sleep(Duration::from_secs(1)).await;
+                glommio::timer::sleep(Duration::from_millis(250)).await;
                 let h = std::mem::replace(&mut *ex.h_interval.borrow_mut(), histogram());
                 if progress
                     .send((ex.index, ex.counters.borrow().clone(), h))
@@ -903,15 +904,32 @@ pub fn run(args: RunArgs, index: usize, workers: usize) -> anyhow::Result<()> {
         args,
     });
     let (ptx, prx) = mpsc::channel::<(usize, Counters, Histogram<u64>)>();
+    // The same stall defense as the gateway's shards (glommio 0.9 can park an executor with
+    // work queued): a heartbeat task per executor, woken from a plain thread every 5 ms.
+    let pulses: Vec<Arc<Pulse>> = (0..cores).map(|_| Arc::new(Pulse::default())).collect();
+    let nudges: Vec<Arc<Nudge>> = (0..cores).map(|_| Arc::new(Nudge::default())).collect();
+    let watchdog_stop = Arc::new(AtomicBool::new(false));
+    let watchdog = watchdog::spawn(
+        pulses.clone(),
+        nudges.clone(),
+        5,
+        200,
+        watchdog_stop.clone(),
+    );
     let mut handles = Vec::new();
     for e in 0..cores {
+        let (pulse, nudge) = (pulses[e].clone(), nudges[e].clone());
         let sh = sh.clone();
         let ptx = ptx.clone();
         let users: Vec<u32> = (lo..hi).filter(|i| (*i as usize) % cores == e).collect();
         let h = LocalExecutorBuilder::new(Placement::Fixed(cpus[(index * cores + e) % cpus.len()]))
             .name(&format!("loadgen-{index}-{e}"))
             .io_memory(64 * 1024)
+            // glommio's 100 ms default would let one queue run that long between I/O polls,
+            // adding its own latency to every measurement.
+            .preempt_timer(Duration::from_micros(500))
             .spawn(move || async move {
+                glommio::spawn_local(watchdog::heartbeat(nudge, pulse)).detach();
                 let ex = Rc::new(Exec {
                     sh,
                     users,
@@ -943,7 +961,7 @@ pub fn run(args: RunArgs, index: usize, workers: usize) -> anyhow::Result<()> {
     let mut interval = histogram();
     let mut last_print = Instant::now();
     loop {
-        match prx.recv_timeout(Duration::from_millis(200)) {
+        match prx.recv_timeout(Duration::from_millis(50)) {
             Ok((executor, counters, h)) => {
                 latest.insert(executor, counters);
                 let _ = interval.add(&h);
@@ -951,7 +969,7 @@ pub fn run(args: RunArgs, index: usize, workers: usize) -> anyhow::Result<()> {
             Err(mpsc::RecvTimeoutError::Disconnected) => break,
             Err(mpsc::RecvTimeoutError::Timeout) => {}
         }
-        if last_print.elapsed() >= Duration::from_secs(1) {
+        if last_print.elapsed() >= Duration::from_millis(250) {
             let mut total = Counters::default();
             latest.values().for_each(|c| total.add(c));
             let line = WorkerLine::Progress {
@@ -985,6 +1003,8 @@ pub fn run(args: RunArgs, index: usize, workers: usize) -> anyhow::Result<()> {
         result.drain_s = result.drain_s.max(o.drain_s);
         result.final_pongs += o.final_pongs;
     }
+    watchdog_stop.store(true, Ordering::Relaxed);
+    let _ = watchdog.join();
     result.loss = check_loss(&acked, &delivered);
     result.hists = hists
         .iter()

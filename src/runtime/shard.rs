@@ -228,6 +228,8 @@ pub struct ShardSeed {
     pub pulses: Vec<Arc<Pulse>>,
     /// Set to stop the node.
     pub stop: Arc<AtomicBool>,
+    /// Woken by the watchdog thread every heartbeat period.
+    pub nudge: Arc<super::watchdog::Nudge>,
     /// Told once the shard serves (or failed to start).
     pub ready: std::sync::mpsc::Sender<Result<(), String>>,
 }
@@ -362,9 +364,9 @@ impl Shard {
         );
         let s = shard.clone();
         let syncer = spawn(Box::pin(async move { s.syncer().await }), queues.store);
-        let s = shard.clone();
+        let pulse = shard.pulses[shard.id.index()].clone();
         let heartbeat = spawn(
-            Box::pin(async move { s.heartbeat().await }),
+            Box::pin(super::watchdog::heartbeat(seed.nudge.clone(), pulse)),
             queues.housekeeping,
         );
         let s = shard.clone();
@@ -1109,19 +1111,6 @@ impl Shard {
     }
 
     // ---------------------------------------------------------------- housekeeping
-
-    /// Wakes the executor every `heartbeat_ms` so that glommio 0.9's park-with-work-queued bug
-    /// (see `watchdog.rs`) lasts at most one period, and publishes a beat for the watchdog.
-    async fn heartbeat(self: Rc<Self>) {
-        if self.cfg.heartbeat_ms == 0 {
-            return;
-        }
-        let pulse = self.pulses[self.id.index()].clone();
-        loop {
-            glommio::timer::sleep(Duration::from_millis(self.cfg.heartbeat_ms)).await;
-            pulse.beats.fetch_add(1, Ordering::Relaxed);
-        }
-    }
 
     /// Enforces login and idle timeouts and the close grace period.
     async fn sweeper(self: Rc<Self>) {
