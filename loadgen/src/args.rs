@@ -34,7 +34,7 @@ pub struct RunArgs {
         value_delimiter = ','
     )]
     pub gateways: Vec<SocketAddr>,
-    /// Token key as 64 hex digits (the gateway's `auth.key_hex`).
+    /// Token key as 64 hex digits (the gateway's `auth.key_hex`). Never written to the report.
     #[arg(long, conflicts_with = "key_file")]
     pub key_hex: Option<String>,
     /// File with the token key (default: gatehouse-data/token.key, the gateway's default).
@@ -77,7 +77,8 @@ pub struct RunArgs {
     /// Churn: reconnects per second, all workers together.
     #[arg(long, default_value_t = 10)]
     pub churn_rate: u64,
-    /// After sending stops: longest wait for outstanding deliveries and receipts, seconds.
+    /// After sending stops: longest wait for outstanding deliveries and receipts (idle: for
+    /// the answers to the final PING), seconds.
     #[arg(long, default_value_t = 30)]
     pub drain_timeout_s: u64,
     /// Gateway process ids, to report gateway memory per connection.

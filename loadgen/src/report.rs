@@ -203,8 +203,12 @@ impl Report {
             }
             _ => None,
         };
+        let mut config = args.clone();
+        if config.key_hex.is_some() {
+            config.key_hex = Some("<redacted>".into());
+        }
         Ok(Report {
-            config: args.clone(),
+            config,
             procs,
             machine: Machine::read(fd_limit),
             elapsed_s: elapsed.as_secs_f64(),

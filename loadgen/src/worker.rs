@@ -687,7 +687,7 @@ impl Exec {
             });
         }
         self.counters.borrow_mut().pings += conns.len() as u64;
-        let deadline = Instant::now() + Duration::from_secs(20);
+        let deadline = Instant::now() + Duration::from_secs(self.sh.args.drain_timeout_s);
         while self.final_pongs.get() < conns.len() as u64 && Instant::now() < deadline {
             glommio::timer::sleep(Duration::from_millis(10)).await;
         }
@@ -909,11 +909,14 @@ pub fn run(args: RunArgs, index: usize, workers: usize) -> anyhow::Result<()> {
     let pulses: Vec<Arc<Pulse>> = (0..cores).map(|_| Arc::new(Pulse::default())).collect();
     let nudges: Vec<Arc<Nudge>> = (0..cores).map(|_| Arc::new(Nudge::default())).collect();
     let watchdog_stop = Arc::new(AtomicBool::new(false));
+    // 5 ms with few processes; with many processes per core the wakeups themselves would cost
+    // a noticeable share of the CPU, so the period grows (a stall is still bounded by it).
+    let heartbeat_ms = if workers <= 4 { 5 } else { 50 };
     let watchdog = watchdog::spawn(
         pulses.clone(),
         nudges.clone(),
-        5,
-        200,
+        heartbeat_ms,
+        1000,
         watchdog_stop.clone(),
     );
     let mut handles = Vec::new();
