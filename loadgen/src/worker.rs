@@ -805,17 +805,17 @@ async fn run_exec(
             out.drain_s = ex.drain(true).await;
         }
         Scenario::Offline => {
-            // Even positions of each node group send, odd positions receive later.
+            // Half the users send and half receive later, split by each executor's local
+            // position so that every executor has both (its users are idx ≡ e mod cores).
+            let is_recipient = |idx: u32| (idx as usize / sh.cores) % 2 == 1;
             let mut senders_idx = std::collections::HashSet::new();
             let mut recipients_by_node: HashMap<usize, Vec<u32>> = HashMap::new();
             for (node, group) in sh.by_node.iter().enumerate() {
-                for (pos, &idx) in group.iter().enumerate() {
-                    if pos % 2 == 0 {
-                        if (idx as usize) % sh.cores == ex.index {
-                            senders_idx.insert(idx);
-                        }
-                    } else {
+                for &idx in group {
+                    if is_recipient(idx) {
                         recipients_by_node.entry(node).or_default().push(idx);
+                    } else if (idx as usize) % sh.cores == ex.index {
+                        senders_idx.insert(idx);
                     }
                 }
             }
