@@ -2,33 +2,28 @@
 //! free port), mint a token, exchange messages with `send`/`recv`, `kill -9`, restart on the
 //! same data directory, and receive what was queued. Also `check-config` on bad input.
 
-use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Command, Output};
+
+mod common;
 
 const BIN: &str = env!("CARGO_BIN_EXE_gatehouse");
 
 fn run_gateway(data: &Path) -> (Child, String) {
-    let mut child = Command::new(BIN)
-        .args([
-            "run",
-            "--listen",
-            "127.0.0.1:0",
-            "--shards",
-            "2",
-            "--data-dir",
-        ])
-        .arg(data)
-        .env("GATEHOUSE_LOG", "warn")
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let addr = line.trim().rsplit(' ').next().unwrap().to_string();
-    (child, addr)
+    let (child, addr) = common::spawn_and_read_addr(
+        Command::new(BIN)
+            .args([
+                "run",
+                "--listen",
+                "127.0.0.1:0",
+                "--shards",
+                "2",
+                "--data-dir",
+            ])
+            .arg(data)
+            .env("GATEHOUSE_LOG", "warn"),
+    );
+    (child, addr.to_string())
 }
 
 fn gatehouse(args: &[&str], data: &Path) -> Output {

@@ -3,7 +3,6 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
@@ -25,26 +24,13 @@ fn spawn_gateway(dir: &Path) -> (Child, SocketAddr) {
         ),
     )
     .unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_gatehouse"))
-        .args(["run", "--config"])
-        .arg(&cfg)
-        .env("GATEHOUSE_LOG", "warn")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("spawn gatehouse");
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let addr = line
-        .trim()
-        .rsplit(' ')
-        .next()
-        .unwrap()
-        .parse()
-        .unwrap_or_else(|_| panic!("bad banner {line:?}"));
-    (child, addr)
+    spawn_and_read_addr(
+        Command::new(env!("CARGO_BIN_EXE_gatehouse"))
+            .args(["run", "--config"])
+            .arg(&cfg)
+            .env("GATEHOUSE_LOG", "warn")
+            .stderr(Stdio::inherit()),
+    )
 }
 
 /// Streams numbered messages from `a` to `b` from a writer thread (so sends are always in

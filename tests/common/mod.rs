@@ -125,3 +125,25 @@ pub fn is_closed_err(e: &ClientError) -> bool {
     matches!(e, ClientError::Closed)
         || matches!(e, ClientError::Io(io) if io.kind() == std::io::ErrorKind::ConnectionReset)
 }
+
+/// Starts a `gatehouse run` command (stdout piped) and reads the address from its
+/// `gatehouse listening on ADDR` banner.
+pub fn spawn_and_read_addr(cmd: &mut std::process::Command) -> (std::process::Child, SocketAddr) {
+    use std::io::BufRead;
+    let mut child = cmd
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn gatehouse");
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let addr = line
+        .trim()
+        .rsplit(' ')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap_or_else(|_| panic!("bad banner {line:?}"));
+    (child, addr)
+}
