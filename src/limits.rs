@@ -49,7 +49,7 @@ pub const BATCH_ENVELOPES_MAX: usize = 256;
 pub const OUTBOX_ENVELOPES_HIGH_WATER: usize = 16 * 1024;
 
 /// Operations in one LMDB write transaction at most (group commit).
-pub const COMMIT_OPS_MAX: usize = 1024;
+pub const COMMIT_OPS_MAX: usize = 4096;
 /// Operations waiting for the next commit before connections on the shard stop reading.
 pub const PENDING_OPS_HIGH_WATER: usize = 64 * 1024;
 
