@@ -89,11 +89,17 @@ fn every_bad_input_gets_a_named_error_and_others_are_unaffected() {
     };
 
     // Oversized frame, before and after login.
+    // Before login the limit is 1024 bytes (HELLO and LOGIN are small); after login it is the
+    // configured maximum (4096 here).
     let msg = expect_fatal(addr, none, &[0, 1, 0, 0, 1], ErrorCode::FrameTooLarge);
-    assert!(msg.contains("65536") && msg.contains("4096"), "{msg}");
+    assert!(msg.contains("65536") && msg.contains("1024"), "{msg}");
+    let mut pre_login = 2000u32.to_be_bytes().to_vec();
+    pre_login.push(1);
+    expect_fatal(addr, none, &pre_login, ErrorCode::FrameTooLarge);
     let mut big = 5000u32.to_be_bytes().to_vec();
     big.push(3);
-    expect_fatal(addr, logged_in, &big, ErrorCode::FrameTooLarge);
+    let msg = expect_fatal(addr, logged_in, &big, ErrorCode::FrameTooLarge);
+    assert!(msg.contains("4096"), "{msg}");
     // An HTTP request is not a Gatehouse client: its first bytes read as a huge length.
     expect_fatal(
         addr,

@@ -48,9 +48,13 @@ fn online_delivery_and_receipts_across_shards() {
             other => panic!("expected RECEIPT, got {other:?}"),
         }
     }
+    // The delivered receipt waits for the delete to commit, so the read receipt may come
+    // first (protocol.md 9.5); both must come, once each.
+    let mut kinds: Vec<u8> = receipts.iter().map(|r| r.1 as u8).collect();
+    kinds.sort();
     assert_eq!(
-        receipts.iter().map(|r| r.1).collect::<Vec<_>>(),
-        vec![ReceiptKind::Delivered, ReceiptKind::Read]
+        kinds,
+        vec![ReceiptKind::Delivered as u8, ReceiptKind::Read as u8]
     );
     ca.ack(&receipts.iter().map(|r| r.0).collect::<Vec<_>>())
         .unwrap();
@@ -332,5 +336,76 @@ fn full_queue_refuses_with_a_clear_error_and_loses_nothing() {
     assert_eq!(cb.recv_frame().unwrap(), ServerFrame::Pong { nonce: 0 });
     ca.send_message(6, UserId(b), b"x").unwrap();
     expect_send_ack(&mut ca, 6);
+    server.shutdown().unwrap();
+}
+
+#[test]
+fn large_queued_messages_drain_within_the_outbound_limit() {
+    // 20 bodies of 60 KB queued, outbound limit 128 KiB: the window (64) would put 1.2 MB in
+    // flight; deliveries must pause for room instead of closing the device as a slow consumer.
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = config(dir.path());
+    c.limits.outbound_bytes_max = 128 * 1024;
+    let server = start(c);
+    let (a, b) = (user_on_shard(1, 0, 2), user_on_shard(1, 1, 2));
+    let mut ca = login(server.local_addr, a, 1);
+    for i in 0..20u64 {
+        ca.send_message(i, UserId(b), &vec![i as u8; 60_000])
+            .unwrap();
+        expect_send_ack(&mut ca, i);
+    }
+    let mut cb = login(server.local_addr, b, 1);
+    for i in 0..20u8 {
+        let (id, _, body) = expect_deliver(&mut cb);
+        assert_eq!((body.len(), body[0]), (60_000, i));
+        cb.ack(&[id]).unwrap();
+    }
+    server.shutdown().unwrap();
+}
+
+#[test]
+fn half_closed_client_still_gets_its_acks() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(config(dir.path()));
+    let (a, b) = (user_on_shard(1, 0, 2), user_on_shard(1, 1, 2));
+    let mut ca = login(server.local_addr, a, 1);
+    for i in 0..50 {
+        ca.send_message(i, UserId(b), b"then EOF").unwrap();
+    }
+    ca.stream().shutdown(std::net::Shutdown::Write).unwrap();
+    for i in 0..50 {
+        expect_send_ack(&mut ca, i);
+    }
+    server.shutdown().unwrap();
+}
+
+#[test]
+fn one_delivered_receipt_per_message_with_two_devices() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(config(dir.path()));
+    let (a, b) = (user_on_shard(1, 0, 2), user_on_shard(1, 1, 2));
+    let mut ca = login(server.local_addr, a, 1);
+    let mut phone = login(server.local_addr, b, 1);
+    let mut laptop = login(server.local_addr, b, 2);
+    ca.send_message(1, UserId(b), b"to both devices").unwrap();
+    let sid = expect_send_ack(&mut ca, 1);
+    assert_eq!(expect_deliver(&mut phone).0, sid);
+    assert_eq!(expect_deliver(&mut laptop).0, sid);
+    phone.ack(&[sid]).unwrap();
+    laptop.ack(&[sid]).unwrap();
+    match ca.recv_frame().unwrap() {
+        ServerFrame::Receipt {
+            kind: ReceiptKind::Delivered,
+            server_msg_id,
+            ..
+        } => assert_eq!(server_msg_id, sid),
+        other => panic!("{other:?}"),
+    }
+    ca.set_timeout(std::time::Duration::from_millis(300))
+        .unwrap();
+    assert!(
+        ca.recv_frame().is_err(),
+        "a second delivered receipt arrived"
+    );
     server.shutdown().unwrap();
 }

@@ -56,6 +56,10 @@ pub struct Conn {
     /// The user whose session list on this shard holds this connection (set at login on the
     /// owner shard; kept after the phase moves to `Closed` so removal finds the entry).
     pub session_of: Cell<Option<UserId>>,
+    /// Whether the task is parked in the shard's back-pressure list (at most once).
+    pub parked: Cell<bool>,
+    /// The client closed its sending side.
+    eof: Cell<bool>,
 }
 
 impl Conn {
@@ -79,6 +83,8 @@ impl Conn {
             waker: RefCell::new(None),
             now_ms: Cell::new(now_ms),
             session_of: Cell::new(None),
+            parked: Cell::new(false),
+            eof: Cell::new(false),
         }
     }
 
@@ -168,6 +174,11 @@ impl Conn {
     /// See [`DeliveryWindow::delivered`].
     pub fn delivered(&self, f: InFlight) {
         self.st.borrow_mut().window.delivered(f)
+    }
+
+    /// Outbound bytes queued.
+    pub fn out_bytes(&self) -> usize {
+        self.st.borrow().out_bytes
     }
 
     /// See [`DeliveryWindow::skipped`].
@@ -295,7 +306,6 @@ impl Conn {
 /// How a connection task ended.
 enum Exit {
     Closed,
-    Eof,
     Io(io::Error),
     Handover(UserId, DeviceId),
 }
@@ -311,7 +321,13 @@ fn process(shard: &Shard, slot: u32, conn: &Rc<Conn>, data: &[u8], now: u64) -> 
                 return off;
             }
         }
-        match split_frame(&data[off..], shard.cfg.max_frame_bytes) {
+        // Before login only HELLO and LOGIN are valid, and both are small: an unauthenticated
+        // peer may not make the server hold a large partial frame.
+        let frame_max = match conn.phase() {
+            Phase::AwaitHello | Phase::AwaitLogin => limits::FRAME_BYTES_MAX_FLOOR,
+            _ => shard.cfg.max_frame_bytes,
+        };
+        match split_frame(&data[off..], frame_max) {
             Ok(None) => return off,
             Err(e) => {
                 shard.apply_step(slot, conn, protocol_error(&e), now);
@@ -367,8 +383,13 @@ fn poll_conn(
         }
     }
     for _ in 0..limits::READS_PER_POLL_MAX {
+        let had_output = conn.out_bytes() > 0;
         if let Err(e) = conn.flush(stream, cx) {
             return Poll::Ready(Exit::Io(e));
+        }
+        if had_output && conn.out_bytes() == 0 {
+            // Deliveries may have stopped for lack of outbound room; feed it again.
+            shard.resume_delivery(conn);
         }
         {
             let st = conn.st.borrow();
@@ -376,14 +397,17 @@ fn poll_conn(
                 return Poll::Ready(Exit::Closed);
             }
             if st.out.is_empty() {
-                if st.closing_since_ms.is_some() {
+                // After the client's EOF, wait for the answers to its pipelined SENDs too
+                // (bounded by the close grace period of the sweeper).
+                let owed = conn.eof.get() && st.sends_in_flight > 0;
+                if st.closing_since_ms.is_some() && !owed {
                     return Poll::Ready(Exit::Closed);
                 }
                 if let Some((u, d)) = st.handover {
                     return Poll::Ready(Exit::Handover(u, d));
                 }
             }
-            if st.out_bytes > shard.cfg.outbound_bytes_max {
+            if st.out_bytes > shard.cfg.outbound_bytes_max && st.closing_since_ms.is_none() {
                 drop(st);
                 conn.push_frame(&ServerFrame::error(
                     crate::proto::ErrorCode::SlowConsumer,
@@ -398,13 +422,23 @@ fn poll_conn(
             return Poll::Pending;
         }
         if shard.backpressured() {
-            shard.park_reader(cx.waker());
+            if !conn.parked.replace(true) {
+                shard.park_reader(cx.waker());
+            }
             return Poll::Pending;
         }
+        conn.parked.set(false);
         let mut scratch = shard.scratch.borrow_mut();
         match Pin::new(&mut *stream).poll_read(cx, &mut scratch[..]) {
             Poll::Pending => return Poll::Pending,
-            Poll::Ready(Ok(0)) => return Poll::Ready(Exit::Eof),
+            Poll::Ready(Ok(0)) => {
+                // The client finished sending: flush what it is owed (SEND_ACKs for pipelined
+                // sends), then close, within the close grace period.
+                drop(scratch);
+                conn.eof.set(true);
+                conn.close();
+                continue;
+            }
             Poll::Ready(Err(e)) => return Poll::Ready(Exit::Io(e)),
             Poll::Ready(Ok(n)) => {
                 let now = now_ms();
@@ -448,7 +482,7 @@ pub async fn serve(shard: Rc<Shard>, mut stream: TcpStream, slot: u32, conn: Rc<
             drop(stream);
             shard.remove_conn(slot);
         }
-        Exit::Closed | Exit::Eof => {
+        Exit::Closed => {
             drop(stream);
             shard.remove_conn(slot);
         }

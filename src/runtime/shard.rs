@@ -49,6 +49,7 @@ use crate::ids::{
 use crate::limits;
 use crate::proto::{
     body_bytes_max, deliver_header, ErrorCode, GoAwayReason, ReceiptKind, ServerFrame,
+    DELIVER_HEADER_BYTES,
 };
 use crate::session::{Command, Handshake, InFlight, Phase, SessionParams, Step};
 use crate::store::{Item, Op, OpOutcome, QueueLimits, Store, StoreError};
@@ -152,6 +153,14 @@ pub struct ShardConfig {
 #[derive(Debug)]
 enum Completion {
     None,
+    /// After the delete of an acknowledged message commits: tell its sender (once, however many
+    /// devices acknowledge, and only if the delete really removed it).
+    Receipt {
+        to: UserId,
+        from: UserId,
+        msg_id: ServerMsgId,
+        ts_ms: u64,
+    },
     SendAck {
         to: ConnRef,
         client_msg_id: u64,
@@ -434,6 +443,9 @@ impl Shard {
         self.next_gen.set(gen);
         let conn = Rc::new(Conn::new(gen, hs, now_ms));
         let slot = self.conns.borrow_mut().insert(conn.clone());
+        self.pulses[self.id.index()]
+            .connections
+            .fetch_add(1, Ordering::Relaxed);
         self.stats
             .conns_opened
             .set(self.stats.conns_opened.get() + 1);
@@ -478,7 +490,8 @@ impl Shard {
                 .any(|o| o.queue.borrow().len() >= limits::OUTBOX_ENVELOPES_HIGH_WATER)
     }
 
-    /// Parks a connection task until back-pressure eases.
+    /// Parks a connection task until back-pressure eases (the caller sets `Conn::parked`, so
+    /// each connection is in the list at most once).
     pub fn park_reader(&self, waker: &Waker) {
         self.paused.borrow_mut().push(waker.clone());
     }
@@ -679,17 +692,18 @@ impl Shard {
                             ),
                         )),
                         Some(f) => {
-                            self.enqueue_op(Op::Delete { user, id }, Completion::None);
-                            if let Some(sender) = f.receipt_to {
-                                let env = Envelope::Receipt {
-                                    to: sender,
-                                    kind: ReceiptKind::Delivered,
+                            // The delivered receipt goes out only once the delete commits and
+                            // really removed the message (see `complete`).
+                            let completion = match f.receipt_to {
+                                Some(to) => Completion::Receipt {
+                                    to,
                                     from: user,
                                     msg_id: id,
                                     ts_ms: now_ms,
-                                };
-                                self.route(owner_shard(sender, self.shards), env);
-                            }
+                                },
+                                None => Completion::None,
+                            };
+                            self.enqueue_op(Op::Delete { user, id }, completion);
                         }
                     }
                 }
@@ -704,6 +718,14 @@ impl Shard {
                         0,
                         "sender 0 is not a user",
                     ));
+                    return;
+                }
+                let node = owner_node(sender, self.params.nodes as usize);
+                if node != self.params.node_id {
+                    // A receipt for a user of another node could never be delivered and would
+                    // stay stored for good.
+                    let why = format!("user {sender} belongs to node {node}; cross-node routing is not supported yet");
+                    conn.push_frame(&ServerFrame::error(ErrorCode::WrongNode, 0, why));
                     return;
                 }
                 for msg_id in ids {
@@ -873,7 +895,13 @@ impl Shard {
         match self.store.read_queue(user, conn.cursor(), room) {
             Ok(items) => {
                 let n = items.len();
-                for (id, item) in &items {
+                for (i, (id, item)) in items.iter().enumerate() {
+                    // Bound by bytes as well as by count: a window of large messages must
+                    // not overflow the connection's outbound limit (it resumes after a flush).
+                    if i > 0 && !self.has_out_room(conn, item) {
+                        conn.set_caught_up(false);
+                        return;
+                    }
                     self.deliver(conn, *id, item);
                 }
                 conn.set_caught_up(n < room);
@@ -886,6 +914,25 @@ impl Shard {
                     "cannot read your queue; reconnect later",
                 ));
                 conn.close();
+            }
+        }
+    }
+
+    /// Whether `item` fits under half the connection's outbound limit.
+    fn has_out_room(&self, conn: &Conn, item: &Item) -> bool {
+        let len = match item {
+            Item::Message { body, .. } => DELIVER_HEADER_BYTES + body.len(),
+            Item::Receipt { .. } => 64,
+        };
+        conn.out_bytes() + len <= self.cfg.outbound_bytes_max / 2
+    }
+
+    /// Called by a connection task whose output drained: continue feeding it if it had
+    /// stopped for lack of room.
+    pub fn resume_delivery(&self, conn: &Rc<Conn>) {
+        if let Some(user) = conn.session_of.get() {
+            if !conn.caught_up() && !conn.is_closing() {
+                self.pull(conn, user);
             }
         }
     }
@@ -960,7 +1007,10 @@ impl Shard {
             if conn.cursor().is_some_and(|c| id <= c) || conn.is_closing() {
                 continue; // Already delivered by a pull that saw the committed item.
             }
-            if conn.caught_up() && conn.room(self.cfg.delivery_window) > 0 {
+            if conn.caught_up()
+                && conn.room(self.cfg.delivery_window) > 0
+                && self.has_out_room(&conn, item)
+            {
                 self.deliver(&conn, id, item);
             } else {
                 conn.set_caught_up(false);
@@ -993,6 +1043,18 @@ impl Shard {
             self.committing.set(true);
             let (ops, result) = blocking(move || {
                 let r = store.apply(&ops, limits);
+                if r.is_err() {
+                    // A failed batch (e.g. the map is full) also rolled back its deletes.
+                    // Retry them alone: they free space, and acknowledged messages must not
+                    // come back. Their receipts are not sent (the batch result is an error).
+                    let deletes: Vec<Op> =
+                        ops.iter().filter(|op| matches!(op, Op::Delete { .. })).cloned().collect();
+                    if !deletes.is_empty() {
+                        if let Err(e) = store.apply(&deletes, limits) {
+                            tracing::error!(error = %e, "retrying deletes after a failed commit failed too");
+                        }
+                    }
+                }
                 (ops, r)
             })
             .await;
@@ -1059,13 +1121,31 @@ impl Shard {
                                     )),
                                 );
                             }
-                            Completion::None => {
+                            Completion::None | Completion::Receipt { .. } => {
                                 self.stats
                                     .receipts_dropped
                                     .set(self.stats.receipts_dropped.get() + 1);
                                 tracing::debug!(shard = self.id.0, %user, "receipt dropped: receipt allowance full");
                             }
                         },
+                        (Op::Delete { .. }, OpOutcome::Deleted(true)) => {
+                            if let Completion::Receipt {
+                                to,
+                                from,
+                                msg_id,
+                                ts_ms,
+                            } = completion
+                            {
+                                let env = Envelope::Receipt {
+                                    to,
+                                    kind: ReceiptKind::Delivered,
+                                    from,
+                                    msg_id,
+                                    ts_ms,
+                                };
+                                self.route(owner_shard(to, self.shards), env);
+                            }
+                        }
                         (Op::Delete { .. }, _) | (Op::Append { .. }, OpOutcome::Deleted(_)) => {}
                     }
                 }
