@@ -42,7 +42,6 @@ pub fn progress_line(
 ) {
     let s = dt.as_secs_f64().max(1e-3);
     let rate = |a: u64, b: u64| (a.saturating_sub(b)) as f64 / s;
-    let errors: u64 = now.errors.values().sum();
     let p = |q| {
         if interval.is_empty() {
             0
@@ -50,18 +49,27 @@ pub fn progress_line(
             interval.value_at_quantile(q)
         }
     };
+    let errors = if now.errors.is_empty() {
+        "0".to_string()
+    } else {
+        now.errors
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect::<Vec<_>>()
+            .join(",")
+    };
     eprintln!(
-        "[{:>5.0}s] connected {:>8} (+{:>6.0}/s)  sent {:>8.0}/s  acked {:>8.0}/s  delivered {:>8.0}/s  errors {:>5}  deliver p50 {:>6}us p99 {:>7}us p99.9 {:>7}us",
+        "[{:>5.0}s] connected {:>8} (+{:>6.0}/s)  sent {:>8.0}/s  acked {:>8.0}/s  delivered {:>8.0}/s  deliver p50 {:>6}us p99 {:>7}us p99.9 {:>7}us  errors {}",
         elapsed.as_secs_f64(),
         now.connected,
         rate(now.logins, prev.logins),
         rate(now.sent, prev.sent),
         rate(now.acked, prev.acked),
         rate(now.delivered, prev.delivered),
-        errors,
         p(0.5),
         p(0.99),
         p(0.999),
+        errors,
     );
 }
 
@@ -158,6 +166,9 @@ pub struct Report {
     pub drain_per_s: f64,
     /// Idle: connections that answered the final PING.
     pub final_pongs: u64,
+    /// Chat/churn: distinct deliveries for which no delivered receipt came back (receipts are
+    /// at-least-once, so duplicates can hide a missing one; this is a lower bound).
+    pub receipts_missing: u64,
     /// Gateway RssAnon before the run, KiB (with --gateway-pids).
     pub gateway_rss_before_kib: Option<u64>,
     /// Gateway RssAnon with the connections up, KiB.
@@ -207,6 +218,12 @@ impl Report {
         if config.key_hex.is_some() {
             config.key_hex = Some("<redacted>".into());
         }
+        let receipts_missing = match args.scenario {
+            Scenario::Chat | Scenario::Churn => loss
+                .delivered_distinct
+                .saturating_sub(counters.receipts_delivered),
+            _ => 0,
+        };
         Ok(Report {
             config,
             procs,
@@ -230,6 +247,7 @@ impl Report {
             main_s,
             drain_s,
             final_pongs,
+            receipts_missing,
             gateway_rss_before_kib: rss_before,
             gateway_rss_connected_kib: rss_connected,
             gateway_bytes_per_connection: per_conn,
@@ -265,8 +283,8 @@ impl Report {
             );
         }
         println!(
-            "receipts            {} delivered, {} read",
-            c.receipts_delivered, c.receipts_read
+            "receipts            {} delivered, {} read, {} missing",
+            c.receipts_delivered, c.receipts_read, self.receipts_missing
         );
         if self.config.scenario == Scenario::Idle {
             println!(

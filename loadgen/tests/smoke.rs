@@ -138,6 +138,7 @@ fn idle_chat_offline_churn_against_two_nodes() {
         n(&r, "loss.acked"),
         "every delivery produced a receipt"
     );
+    assert_eq!(n(&r, "receipts_missing"), 0);
     assert!(
         r["counters"]["errors"].get("wrong_node").is_none(),
         "users went to the wrong node"
