@@ -88,7 +88,8 @@ impl Conn {
         }
     }
 
-    fn wake(&self) {
+    /// Wakes the connection's task (if it is waiting).
+    pub fn wake(&self) {
         if let Some(w) = self.waker.borrow_mut().take() {
             w.wake();
         }
@@ -422,12 +423,9 @@ fn poll_conn(
             return Poll::Pending;
         }
         if shard.backpressured() {
-            if !conn.parked.replace(true) {
-                shard.park_reader(cx.waker());
-            }
+            shard.park_reader(conn);
             return Poll::Pending;
         }
-        conn.parked.set(false);
         let mut scratch = shard.scratch.borrow_mut();
         match Pin::new(&mut *stream).poll_read(cx, &mut scratch[..]) {
             Poll::Pending => return Poll::Pending,

@@ -262,7 +262,7 @@ pub struct Shard {
     outboxes: Vec<Outbox>,
     pending: RefCell<Vec<(Op, Completion)>>,
     committer_waker: RefCell<Option<Waker>>,
-    paused: RefCell<Vec<Waker>>,
+    paused: RefCell<Vec<Rc<Conn>>>,
     /// Read buffer shared by every connection of the shard (idle connections hold none).
     pub scratch: RefCell<Box<[u8]>>,
     /// Counters.
@@ -490,10 +490,12 @@ impl Shard {
                 .any(|o| o.queue.borrow().len() >= limits::OUTBOX_ENVELOPES_HIGH_WATER)
     }
 
-    /// Parks a connection task until back-pressure eases (the caller sets `Conn::parked`, so
-    /// each connection is in the list at most once).
-    pub fn park_reader(&self, waker: &Waker) {
-        self.paused.borrow_mut().push(waker.clone());
+    /// Parks a connection until back-pressure eases; each connection is in the list at most
+    /// once (`Conn::parked`), and waking clears the flag.
+    pub fn park_reader(&self, conn: &Rc<Conn>) {
+        if !conn.parked.replace(true) {
+            self.paused.borrow_mut().push(conn.clone());
+        }
     }
 
     fn wake_paused(&self) {
@@ -501,7 +503,10 @@ impl Shard {
             return;
         }
         let paused = std::mem::take(&mut *self.paused.borrow_mut());
-        paused.into_iter().for_each(Waker::wake);
+        for conn in paused {
+            conn.parked.set(false);
+            conn.wake();
+        }
     }
 
     fn go_away(&self, conn: &Conn, reason: GoAwayReason, message: &str) {
