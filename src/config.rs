@@ -132,6 +132,9 @@ pub struct LimitsSection {
     pub outbound_bytes_max: usize,
     /// Messages one user's offline queue holds at most.
     pub queue_messages_max: u32,
+    /// Store writes waiting for the next group commit, per shard, before every connection of
+    /// the shard stops reading (back-pressure).
+    pub pending_ops_max: usize,
 }
 
 impl Default for LimitsSection {
@@ -143,6 +146,7 @@ impl Default for LimitsSection {
             delivery_window: limits::DELIVERY_WINDOW_DEFAULT,
             outbound_bytes_max: limits::OUTBOUND_BYTES_MAX_DEFAULT,
             queue_messages_max: limits::QUEUE_MESSAGES_MAX_DEFAULT,
+            pending_ops_max: limits::PENDING_OPS_HIGH_WATER,
         }
     }
 }
@@ -315,6 +319,9 @@ impl Config {
                 "limits.outbound_bytes_max",
                 "must be at least 2 × limits.max_frame_bytes",
             ));
+        }
+        if l.pending_ops_max == 0 {
+            return Err(invalid("limits.pending_ops_max", "must be > 0"));
         }
         if l.queue_messages_max == 0 {
             return Err(invalid("limits.queue_messages_max", "must be > 0"));

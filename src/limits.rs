@@ -50,7 +50,8 @@ pub const OUTBOX_ENVELOPES_HIGH_WATER: usize = 16 * 1024;
 
 /// Operations in one LMDB write transaction at most (group commit).
 pub const COMMIT_OPS_MAX: usize = 4096;
-/// Operations waiting for the next commit before connections on the shard stop reading.
+/// Default operations waiting for the next commit before connections on the shard stop
+/// reading (`limits.pending_ops_max`).
 pub const PENDING_OPS_HIGH_WATER: usize = 64 * 1024;
 
 /// Default time a connection has from accept to a successful login, in milliseconds.

@@ -129,6 +129,7 @@ pub fn start(config: Config) -> anyhow::Result<ServerHandle> {
                 .saturating_mul(limits::QUEUE_RECEIPTS_FACTOR),
         },
         max_connections: config.server.max_connections_per_shard,
+        pending_ops_max: config.limits.pending_ops_max,
         sync: config.store.sync,
         sync_interval_ms: config.store.sync_interval_ms,
         heartbeat_ms: config.runtime.heartbeat_ms,

@@ -409,3 +409,32 @@ fn one_delivered_receipt_per_message_with_two_devices() {
     );
     server.shutdown().unwrap();
 }
+
+#[test]
+fn back_pressure_pauses_and_resumes_readers() {
+    // A tiny pending-ops bound makes every burst hit back-pressure many times; every send must
+    // still be answered (readers parked while the store catches up must be woken again).
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = config(dir.path());
+    c.limits.pending_ops_max = 8;
+    let server = start(c);
+    let mut senders: Vec<_> = (0..4)
+        .map(|i| login(server.local_addr, 100 + i, 1))
+        .collect();
+    for (i, s) in senders.iter_mut().enumerate() {
+        for n in 0..400u64 {
+            s.send_message(n, UserId(200 + i as u64), b"burst").unwrap();
+        }
+    }
+    for s in senders.iter_mut() {
+        for n in 0..400u64 {
+            expect_send_ack(s, n);
+        }
+    }
+    let mut r = login(server.local_addr, 200, 1);
+    for _ in 0..400 {
+        let (id, _, _) = expect_deliver(&mut r);
+        r.ack(&[id]).unwrap();
+    }
+    server.shutdown().unwrap();
+}

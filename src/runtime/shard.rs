@@ -137,6 +137,8 @@ pub struct ShardConfig {
     pub queue: QueueLimits,
     /// Connections per shard.
     pub max_connections: usize,
+    /// Pending store ops before the shard stops reading client input.
+    pub pending_ops_max: usize,
     /// Store sync policy.
     pub sync: SyncPolicy,
     /// fsync period with `sync = batch`, ms.
@@ -483,7 +485,7 @@ impl Shard {
 
     /// Whether new client input must wait: the store or an outbox is over its high-water mark.
     pub fn backpressured(&self) -> bool {
-        self.pending.borrow().len() >= limits::PENDING_OPS_HIGH_WATER
+        self.pending.borrow().len() >= self.cfg.pending_ops_max
             || self
                 .outboxes
                 .iter()
