@@ -205,53 +205,16 @@ fn every_bad_input_gets_a_named_error_and_others_are_unaffected() {
     // Non-fatal errors keep the connection: unknown ACK, recipient 0.
     let mut c = login(addr, 77, 1);
     c.ack(&[ServerMsgId(424242)]).unwrap();
-    match c.recv_frame().unwrap() {
-        ServerFrame::Error {
-            code,
-            fatal,
-            ref_id,
-            message,
-        } => {
-            assert_eq!(
-                (code, fatal, ref_id),
-                (ErrorCode::UnknownAck as u16, false, 424242)
-            );
-            assert!(message.contains("424242"), "{message}");
-        }
-        other => panic!("{other:?}"),
-    }
+    let message = expect_error_with(&mut c, ErrorCode::UnknownAck, false, 424242);
+    assert!(message.contains("424242"), "{message}");
     c.send_message(5, UserId(0), b"to nobody").unwrap();
-    match c.recv_frame().unwrap() {
-        ServerFrame::Error {
-            code,
-            fatal,
-            ref_id,
-            ..
-        } => assert_eq!(
-            (code, fatal, ref_id),
-            (ErrorCode::BadRecipient as u16, false, 5)
-        ),
-        other => panic!("{other:?}"),
-    }
+    expect_error_with(&mut c, ErrorCode::BadRecipient, false, 5);
     // A body that fits a SEND frame but not the larger DELIVER frame is refused by name.
     let body_max = gatehouse::proto::body_bytes_max(4096);
     c.send_message(6, UserId(b), &vec![1u8; body_max + 1])
         .unwrap();
-    match c.recv_frame().unwrap() {
-        ServerFrame::Error {
-            code,
-            fatal,
-            ref_id,
-            message,
-        } => {
-            assert_eq!(
-                (code, fatal, ref_id),
-                (ErrorCode::BodyTooLarge as u16, false, 6)
-            );
-            assert!(message.contains(&body_max.to_string()), "{message}");
-        }
-        other => panic!("{other:?}"),
-    }
+    let message = expect_error_with(&mut c, ErrorCode::BodyTooLarge, false, 6);
+    assert!(message.contains(&body_max.to_string()), "{message}");
     c.send_message(7, UserId(b), &vec![1u8; body_max]).unwrap();
     expect_send_ack(&mut c, 7);
     c.send(&ClientFrame::Ping { nonce: 3 }).unwrap();

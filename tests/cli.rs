@@ -136,24 +136,25 @@ fn send_recv_kill_9_restart_recv() {
     gw.wait().unwrap();
 }
 
+/// Runs `gatehouse check-config --config FILE`.
+fn check_config(file: &Path) -> Output {
+    Command::new(BIN)
+        .args(["check-config", "--config"])
+        .arg(file)
+        .output()
+        .unwrap()
+}
+
 #[test]
 fn check_config_names_the_bad_key() {
     let dir = tempfile::tempdir().unwrap();
     let f = dir.path().join("bad.toml");
     std::fs::write(&f, "[limits]\ndelivery_window = 0\n").unwrap();
-    let out = Command::new(BIN)
-        .args(["check-config", "--config"])
-        .arg(&f)
-        .output()
-        .unwrap();
+    let out = check_config(&f);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("limits.delivery_window"));
     std::fs::write(&f, "[server]\nlisten = \"127.0.0.1:1\"\nbogus = 1\n").unwrap();
-    let out = Command::new(BIN)
-        .args(["check-config", "--config"])
-        .arg(&f)
-        .output()
-        .unwrap();
+    let out = check_config(&f);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("bogus"));
     let out = Command::new(BIN)
@@ -161,11 +162,7 @@ fn check_config_names_the_bad_key() {
         .output()
         .unwrap();
     std::fs::write(&f, &out.stdout).unwrap();
-    let out = Command::new(BIN)
-        .args(["check-config", "--config"])
-        .arg(&f)
-        .output()
-        .unwrap();
+    let out = check_config(&f);
     assert!(
         out.status.success(),
         "{}",

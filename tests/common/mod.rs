@@ -147,3 +147,28 @@ pub fn spawn_and_read_addr(cmd: &mut std::process::Command) -> (std::process::Ch
         .unwrap_or_else(|_| panic!("bad banner {line:?}"));
     (child, addr)
 }
+
+/// Expects an ERROR frame with `code`, `fatal` and `ref_id`; returns its message.
+pub fn expect_error_with(
+    c: &mut Client,
+    code: gatehouse::proto::ErrorCode,
+    fatal: bool,
+    ref_id: u64,
+) -> String {
+    match c.recv_frame() {
+        Ok(ServerFrame::Error {
+            code: got,
+            fatal: f,
+            ref_id: r,
+            message,
+        }) => {
+            assert_eq!(
+                (got, f, r),
+                (code as u16, fatal, ref_id),
+                "message: {message}"
+            );
+            message
+        }
+        other => panic!("expected ERROR {code:?}, got {other:?}"),
+    }
+}
