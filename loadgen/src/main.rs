@@ -142,7 +142,20 @@ fn coordinate(args: RunArgs) -> anyhow::Result<ExitCode> {
     let mut finished = 0;
     let mut gw_rss_connected: Option<u64> = None;
     let mut max_connected = 0u64;
+    // Hard bound on the whole run: phases stop by themselves, but a worker whose executors
+    // hang (e.g. a glommio stall the heartbeat did not catch) must not hang the run.
+    let hard_deadline = start + Duration::from_secs(args.max_run_s + 3 * args.drain_timeout_s + 60);
     while finished < procs {
+        if Instant::now() > hard_deadline {
+            for c in children.iter_mut() {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+            anyhow::bail!(
+                "workers still running past the hard deadline ({} s); killed them",
+                hard_deadline.duration_since(start).as_secs()
+            );
+        }
         match rx.recv_timeout(Duration::from_millis(100)) {
             Ok((
                 i,

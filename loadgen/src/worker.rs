@@ -932,6 +932,7 @@ pub fn run(args: RunArgs, index: usize, workers: usize) -> anyhow::Result<()> {
             // adding its own latency to every measurement.
             .preempt_timer(Duration::from_micros(500))
             .spawn(move || async move {
+                nudge.attach().await;
                 glommio::spawn_local(watchdog::heartbeat(nudge, pulse)).detach();
                 let ex = Rc::new(Exec {
                     sh,

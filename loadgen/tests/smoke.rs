@@ -106,6 +106,8 @@ fn idle_chat_offline_churn_against_two_nodes() {
         "2",
         "--drain-timeout-s",
         "10",
+        "--max-run-s",
+        "60",
     ];
 
     let mut a = common.to_vec();
@@ -209,6 +211,8 @@ fn loss_check_fails_when_the_gateway_drops_messages() {
             "1",
             "--drain-timeout-s",
             "2",
+            "--max-run-s",
+            "60",
         ],
     );
     assert_eq!(

@@ -153,6 +153,21 @@ impl Nudge {
         }
     }
 
+    /// Lends the calling task's waker to the watchdog until the heartbeat task registers its
+    /// own. Await it first thing in an executor's root future: otherwise an executor that
+    /// parks (the 0.9.0 bug) before its heartbeat task first ran has no waker to be nudged
+    /// through. Measured: a loadgen worker parked for minutes right after start that way.
+    pub async fn attach(&self) {
+        futures_lite::future::poll_fn(|cx| {
+            let mut w = self.waker.lock().unwrap_or_else(|e| e.into_inner());
+            if w.is_none() {
+                *w = Some(cx.waker().clone());
+            }
+            std::task::Poll::Ready(())
+        })
+        .await
+    }
+
     /// Awaited by the heartbeat task on its executor: resolves at the next nudge.
     pub async fn wait(&self) {
         futures_lite::future::poll_fn(|cx| {
