@@ -211,11 +211,21 @@ pub fn start(config: Config) -> anyhow::Result<ServerHandle> {
         handles.push(handle);
     }
     drop(ready_tx);
+    // A shard that neither starts nor fails within this time is reported instead of hanging
+    // the caller (a glommio executor can wedge; see runtime/watchdog.rs).
+    let ready_deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
     for _ in 0..shards {
-        match ready_rx.recv() {
+        let left = ready_deadline.saturating_duration_since(std::time::Instant::now());
+        match ready_rx.recv_timeout(left) {
             Ok(Ok(())) => {}
             Ok(Err(e)) => bail!("shard failed to start: {e}"),
-            Err(_) => bail!("a shard exited during start (see log)"),
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                stop.store(true, Ordering::Relaxed);
+                bail!("a shard did not start within 30 s");
+            }
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                bail!("a shard exited during start (see log)")
+            }
         }
     }
     let watchdog = watchdog::spawn(
