@@ -303,7 +303,6 @@ fn wake(slot: &RefCell<Option<Waker>>) {
 impl Shard {
     /// Runs a shard on the current (glommio) thread until the node stops.
     pub async fn run(seed: ShardSeed) {
-        seed.nudge.attach().await;
         let ex = glommio::executor();
         let queues = Queues {
             accept: ex.create_task_queue(Shares::Static(100), Latency::NotImportant, "accept"),
