@@ -32,7 +32,7 @@ impl Drop for Gateway {
     }
 }
 
-fn gateway(dir: &Path, node: u32, nodes: u32, env: &[(&str, &str)]) -> Gateway {
+fn gateway_once(dir: &Path, node: u32, nodes: u32, env: &[(&str, &str)]) -> Option<Gateway> {
     let cfg = dir.join(format!("node{node}.toml"));
     std::fs::write(
         &cfg,
@@ -55,8 +55,21 @@ fn gateway(dir: &Path, node: u32, nodes: u32, env: &[(&str, &str)]) -> Gateway {
     BufReader::new(child.stdout.take().unwrap())
         .read_line(&mut line)
         .unwrap();
+    if !line.contains("listening") {
+        let _ = child.kill();
+        let _ = child.wait();
+        return None;
+    }
     let addr = line.trim().rsplit(' ').next().unwrap().to_string();
-    Gateway { child, addr }
+    Some(Gateway { child, addr })
+}
+
+/// Starts a gateway process; one retry for the rare shard that never starts (the gateway
+/// then exits after 30 s; see docs/architecture.md).
+fn gateway(dir: &Path, node: u32, nodes: u32, env: &[(&str, &str)]) -> Gateway {
+    gateway_once(dir, node, nodes, env)
+        .or_else(|| gateway_once(dir, node, nodes, env))
+        .expect("gateway starts")
 }
 
 /// Runs `loadgen run <args>`; returns its exit code and parsed report.

@@ -39,8 +39,17 @@ pub fn config(dir: &Path) -> Config {
     c
 }
 
+/// Starts a node. One retry: about 1 in 250 starts on this 2-core box, one shard thread spins
+/// inside glommio before it runs its first task, and `server::start` fails after 30 s (an
+/// open bug, see docs/architecture.md). A second failure fails the test.
 pub fn start(c: Config) -> ServerHandle {
-    gatehouse::server::start(c).expect("server starts")
+    match gatehouse::server::start(c.clone()) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("server start failed ({e:#}); retrying once");
+            gatehouse::server::start(c).expect("server starts")
+        }
+    }
 }
 
 pub fn login(addr: SocketAddr, user: u64, device: u32) -> Client {
@@ -127,25 +136,27 @@ pub fn is_closed_err(e: &ClientError) -> bool {
 }
 
 /// Starts a `gatehouse run` command (stdout piped) and reads the address from its
-/// `gatehouse listening on ADDR` banner.
+/// `gatehouse listening on ADDR` banner. One retry, for the rare shard that never starts
+/// (the binary then exits after 30 s; see `start`).
 pub fn spawn_and_read_addr(cmd: &mut std::process::Command) -> (std::process::Child, SocketAddr) {
     use std::io::BufRead;
-    let mut child = cmd
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .expect("spawn gatehouse");
-    let mut line = String::new();
-    std::io::BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let addr = line
-        .trim()
-        .rsplit(' ')
-        .next()
-        .unwrap()
-        .parse()
-        .unwrap_or_else(|_| panic!("bad banner {line:?}"));
-    (child, addr)
+    for attempt in 0..2 {
+        let mut child = cmd
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("spawn gatehouse");
+        let mut line = String::new();
+        std::io::BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        if let Some(addr) = line.trim().rsplit(' ').next().and_then(|a| a.parse().ok()) {
+            return (child, addr);
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        eprintln!("gatehouse did not start (attempt {attempt}): {line:?}");
+    }
+    panic!("gatehouse did not start twice");
 }
 
 /// Expects an ERROR frame with `code`, `fatal` and `ref_id`; returns its message.
