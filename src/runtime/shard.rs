@@ -303,6 +303,8 @@ fn wake(slot: &RefCell<Option<Waker>>) {
 impl Shard {
     /// Runs a shard on the current (glommio) thread until the node stops.
     pub async fn run(seed: ShardSeed) {
+        // Give the watchdog a waker at once (see `Nudge::attach`).
+        seed.nudge.attach().await;
         let ex = glommio::executor();
         let queues = Queues {
             accept: ex.create_task_queue(Shares::Static(100), Latency::NotImportant, "accept"),
