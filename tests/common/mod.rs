@@ -46,8 +46,12 @@ pub fn start(c: Config) -> ServerHandle {
     match gatehouse::server::start(c.clone()) {
         Ok(s) => s,
         Err(e) => {
+            // The stuck shard thread of the failed start keeps its LMDB environment open, so
+            // the retry uses a fresh directory beside it.
             eprintln!("server start failed ({e:#}); retrying once");
-            gatehouse::server::start(c).expect("server starts")
+            let mut retry = c;
+            retry.store.data_dir = retry.store.data_dir.join("retry");
+            gatehouse::server::start(retry).expect("server starts")
         }
     }
 }
