@@ -56,6 +56,7 @@ fn main() {
         .args(["run", "--config"])
         .arg(&cfg)
         .env("GATEHOUSE_LOG", "warn")
+        .env("GATEHOUSE_ADMIN__LISTEN", "127.0.0.1:0")
         .stdout(Stdio::piped())
         .spawn()
         .unwrap_or_else(|e| {

@@ -111,7 +111,7 @@ heartbeat_ms = $heartbeat_ms
 node_id = $i
 nodes = $nodes
 EOF
-  GATEHOUSE_LOG=warn "$bin/gatehouse" run --config "$nd/gatehouse.toml" > "$nd/stdout.log" 2> "$nd/stderr.log" &
+  GATEHOUSE_LOG=warn GATEHOUSE_ADMIN__LISTEN=127.0.0.1:0 "$bin/gatehouse" run --config "$nd/gatehouse.toml" > "$nd/stdout.log" 2> "$nd/stderr.log" &
   pids="$pids $!"
   gateways="$gateways,127.0.0.1:$((port + i))"
 done

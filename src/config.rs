@@ -32,6 +32,14 @@ pub enum ConfigError {
         /// Parser message, naming the key.
         message: String,
     },
+    /// An environment override that names no key or holds a value of the wrong type.
+    #[error("environment variable {var}: {message}")]
+    Env {
+        /// The variable, e.g. `GATEHOUSE_SERVER__SHARDS`.
+        var: String,
+        /// Why it is refused.
+        message: String,
+    },
     /// A value outside its allowed range.
     #[error("invalid value for `{key}`: {why}")]
     Invalid {
@@ -71,6 +79,12 @@ pub struct ServerSection {
     pub backlog: u32,
     /// Connections one shard holds at most; further ones get ERROR(overloaded) and a close.
     pub max_connections_per_shard: usize,
+    /// Graceful drain: GO_AWAY(shutdown) frames sent per second by the whole node, so that
+    /// millions of clients do not reconnect elsewhere in one thundering herd.
+    pub drain_goaway_per_s: u64,
+    /// Graceful drain: the node exits by this time after the drain starts, ms. Connections
+    /// still open when the paced GO_AWAYs would overrun it get theirs at once.
+    pub drain_deadline_ms: u64,
 }
 
 impl Default for ServerSection {
@@ -81,6 +95,8 @@ impl Default for ServerSection {
             first_cpu: 0,
             backlog: 4096,
             max_connections_per_shard: 1_000_000,
+            drain_goaway_per_s: 10_000,
+            drain_deadline_ms: 30_000,
         }
     }
 }
@@ -210,6 +226,55 @@ impl Default for ClusterSection {
     }
 }
 
+/// `[admin]`: the operator's HTTP endpoint (metrics, health, readiness, drain).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AdminSection {
+    /// Serve the admin endpoint at all.
+    pub enabled: bool,
+    /// Address of the admin listener: loopback by default, since it can drain the node.
+    pub listen: SocketAddr,
+}
+
+impl Default for AdminSection {
+    fn default() -> Self {
+        AdminSection {
+            enabled: true,
+            listen: "127.0.0.1:7401".parse().expect("valid literal"),
+        }
+    }
+}
+
+/// Log line format.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines (no colours unless stderr is a terminal).
+    Text,
+    /// One JSON object per line, for log shippers.
+    Json,
+}
+
+/// `[log]`: what is logged and how.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogSection {
+    /// `tracing` filter, e.g. `info` or `info,gatehouse::runtime=debug`. The `GATEHOUSE_LOG`
+    /// environment variable, when set, wins. Reloaded on SIGHUP.
+    pub level: String,
+    /// `text` or `json`.
+    pub format: LogFormat,
+}
+
+impl Default for LogSection {
+    fn default() -> Self {
+        LogSection {
+            level: "info".into(),
+            format: LogFormat::Text,
+        }
+    }
+}
+
 /// The whole configuration.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -226,6 +291,61 @@ pub struct Config {
     pub auth: AuthSection,
     /// Multi-node slice.
     pub cluster: ClusterSection,
+    /// Admin endpoint.
+    pub admin: AdminSection,
+    /// Logging.
+    pub log: LogSection,
+}
+
+/// Prefix of environment overrides; `__` separates the section from the key.
+pub const ENV_PREFIX: &str = "GATEHOUSE_";
+
+/// `GATEHOUSE_SERVER__MAX_CONNECTIONS_PER_SHARD` → (`server`, `max_connections_per_shard`).
+fn env_key(var: &str) -> Result<(String, String), ConfigError> {
+    let rest = &var[ENV_PREFIX.len()..];
+    match rest.split_once("__") {
+        Some((section, key)) if !section.is_empty() && !key.is_empty() && !key.contains("__") => {
+            Ok((section.to_ascii_lowercase(), key.to_ascii_lowercase()))
+        }
+        _ => Err(ConfigError::Env {
+            var: var.to_string(),
+            message: "expected GATEHOUSE_<SECTION>__<KEY>".into(),
+        }),
+    }
+}
+
+/// The TOML value for one override, checked alone against `T` so that the error names the
+/// variable: typed first, then as a string.
+fn env_value<T: for<'de> Deserialize<'de>>(
+    section: &str,
+    key: &str,
+    raw: &str,
+) -> Result<toml::Value, String> {
+    let one = |v: toml::Value| {
+        let mut inner = toml::Table::new();
+        inner.insert(key.to_string(), v);
+        let mut outer = toml::Table::new();
+        outer.insert(section.to_string(), toml::Value::Table(inner));
+        T::deserialize(toml::Value::Table(outer)).map(|_| ())
+    };
+    let typed = toml::from_str::<toml::Table>(&format!("v = {raw}"))
+        .ok()
+        .and_then(|mut t| t.remove("v"));
+    let mut first_err = None;
+    if let Some(v) = typed {
+        match one(v.clone()) {
+            Ok(()) => return Ok(v),
+            Err(e) => first_err = Some(e.to_string()),
+        }
+    }
+    let s = toml::Value::String(raw.to_string());
+    match one(s.clone()) {
+        Ok(()) => Ok(s),
+        Err(e) => Err(first_err
+            .unwrap_or_else(|| e.to_string())
+            .trim()
+            .to_string()),
+    }
 }
 
 fn invalid(key: &'static str, why: impl Into<String>) -> ConfigError {
@@ -246,11 +366,59 @@ impl Config {
 
     /// Reads and parses a file.
     pub fn from_file(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.display().to_string(),
-            source,
-        })?;
-        Config::from_toml(&text, &path.display().to_string())
+        Config::load(Some(path), std::iter::empty())
+    }
+
+    /// Builds the configuration from the embedded defaults, then the file (if any), then the
+    /// environment overrides `GATEHOUSE_<SECTION>__<KEY>=value` found in `env` (later layers
+    /// win; flags are applied by the caller on top). A value is read as a TOML value
+    /// (`4`, `true`, `"x"`) and, when that does not fit the key, as a plain string
+    /// (`GATEHOUSE_SERVER__LISTEN=0.0.0.0:7400`). An override that names no key is an error.
+    pub fn load(
+        path: Option<&Path>,
+        env: impl Iterator<Item = (String, String)>,
+    ) -> Result<Config, ConfigError> {
+        let (mut table, origin) = match path {
+            Some(p) => {
+                let text = std::fs::read_to_string(p).map_err(|source| ConfigError::Read {
+                    path: p.display().to_string(),
+                    source,
+                })?;
+                let t: toml::Table = toml::from_str(&text).map_err(|e| ConfigError::Parse {
+                    path: p.display().to_string(),
+                    message: e.to_string(),
+                })?;
+                (t, p.display().to_string())
+            }
+            None => (toml::Table::new(), "(embedded defaults)".to_string()),
+        };
+        let mut overrides: Vec<(String, String)> = env
+            .filter(|(k, _)| k.starts_with(ENV_PREFIX) && k.contains("__"))
+            .collect();
+        overrides.sort();
+        for (var, raw) in overrides {
+            let (section, key) = env_key(&var)?;
+            let value = env_value::<Config>(&section, &key, &raw)
+                .map_err(|message| ConfigError::Env { var, message })?;
+            let entry = table
+                .entry(section.clone())
+                .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+            match entry {
+                toml::Value::Table(t) => {
+                    t.insert(key, value);
+                }
+                _ => {
+                    return Err(ConfigError::Parse {
+                        path: origin,
+                        message: format!("`{section}` must be a table"),
+                    })
+                }
+            }
+        }
+        Config::deserialize(toml::Value::Table(table)).map_err(|e| ConfigError::Parse {
+            path: origin,
+            message: e.to_string(),
+        })
     }
 
     /// The defaults as TOML.
@@ -350,6 +518,15 @@ impl Config {
         if self.runtime.stall_threshold_ms == 0 {
             return Err(invalid("runtime.stall_threshold_ms", "must be > 0"));
         }
+        if self.server.drain_goaway_per_s == 0 {
+            return Err(invalid("server.drain_goaway_per_s", "must be > 0"));
+        }
+        if self.server.drain_deadline_ms == 0 {
+            return Err(invalid("server.drain_deadline_ms", "must be > 0"));
+        }
+        if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
+            return Err(invalid("log.level", e.to_string()));
+        }
         if self.cluster.nodes == 0 || self.cluster.node_id >= self.cluster.nodes {
             return Err(invalid(
                 "cluster.node_id",
@@ -424,5 +601,57 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("auth.key_hex"));
+    }
+
+    fn env(pairs: &[(&str, &str)]) -> impl Iterator<Item = (String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect::<Vec<_>>()
+            .into_iter()
+    }
+
+    #[test]
+    fn environment_overrides_file_and_defaults() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("g.toml");
+        std::fs::write(&path, "[server]\nshards = 3\nbacklog = 100\n").unwrap();
+        let c = Config::load(
+            Some(&path),
+            env(&[
+                ("GATEHOUSE_SERVER__SHARDS", "5"),
+                ("GATEHOUSE_SERVER__LISTEN", "0.0.0.0:9000"),
+                ("GATEHOUSE_STORE__SYNC", "always"),
+                ("GATEHOUSE_LOG__LEVEL", "info,gatehouse=debug"),
+                ("GATEHOUSE_ADMIN__ENABLED", "false"),
+                // Not overrides: no `__`.
+                ("GATEHOUSE_LOG", "debug"),
+                ("GATEHOUSE_CONFIG", "/nonexistent"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(c.server.shards, 5, "env beats file");
+        assert_eq!(c.server.backlog, 100, "file beats defaults");
+        assert_eq!(c.server.listen, "0.0.0.0:9000".parse().unwrap());
+        assert_eq!(c.store.sync, SyncPolicy::Always);
+        assert_eq!(c.log.level, "info,gatehouse=debug");
+        assert!(!c.admin.enabled);
+        assert_eq!(c.limits, LimitsSection::default());
+    }
+
+    #[test]
+    fn bad_environment_overrides_name_the_variable() {
+        for (var, val, want) in [
+            ("GATEHOUSE_SERVER__NOPE", "1", "nope"),
+            ("GATEHOUSE_NOSECTION__X", "1", "nosection"),
+            ("GATEHOUSE_SERVER__SHARDS", "many", "invalid type"),
+            ("GATEHOUSE_SERVER__", "1", "GATEHOUSE_<SECTION>__<KEY>"),
+        ] {
+            let err = Config::load(None, env(&[(var, val)]))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(var), "{err}");
+            assert!(err.contains(want), "{var}: {err}");
+        }
     }
 }

@@ -13,11 +13,14 @@
 //! - [`client`]: a small blocking client used by tests, tools and the loadgen.
 #![warn(missing_docs)]
 
+pub mod admin;
 pub mod auth;
 pub mod client;
 pub mod config;
+pub mod doctor;
 pub mod ids;
 pub mod limits;
+pub mod metrics;
 pub mod proto;
 pub mod runtime;
 pub mod server;

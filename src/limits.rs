@@ -81,3 +81,5 @@ pub const SENDS_IN_FLIGHT_MAX: u32 = 1024;
 pub const CLOSE_GRACE_MS: u64 = 5_000;
 /// Time a stopping shard waits for pending store writes before giving up, in ms.
 pub const SHUTDOWN_FLUSH_MS: u64 = 10_000;
+/// Drain: GO_AWAY frames go out in batches this often, ms.
+pub const DRAIN_TICK_MS: u64 = 10;

@@ -5,7 +5,21 @@ use std::process::ExitCode;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
-use gatehouse::config::{Config, SyncPolicy};
+use gatehouse::config::{Config, LogFormat, SyncPolicy};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+/// `doctor` found a failed check (already printed; exit 1 without another message).
+#[derive(Debug)]
+struct DoctorFailed;
+
+impl std::fmt::Display for DoctorFailed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a host check failed")
+    }
+}
+
+impl std::error::Error for DoctorFailed {}
 use gatehouse::ids::{DeviceId, UserId};
 
 #[derive(Parser)]
@@ -53,22 +67,23 @@ enum Cmd {
     Run {
         #[command(flatten)]
         cfg: ConfigArgs,
-        /// Overrides server.listen.
-        #[arg(long)]
-        listen: Option<std::net::SocketAddr>,
-        /// Overrides server.shards (0 = one per CPU).
-        #[arg(long)]
-        shards: Option<usize>,
-        /// Overrides store.sync (always, batch, none).
-        #[arg(long, value_parser = parse_sync)]
-        sync: Option<SyncPolicy>,
-        /// Overrides cluster.node_id.
-        #[arg(long)]
-        node_id: Option<u32>,
-        /// Overrides cluster.nodes.
-        #[arg(long)]
-        nodes: Option<u32>,
+        #[command(flatten)]
+        flags: RunOverrides,
     },
+    /// Check that this host can hold N connections with this configuration; prints
+    /// CHECK CURRENT WANT STATUS FIX and exits 1 when a check fails.
+    Doctor {
+        #[command(flatten)]
+        cfg: ConfigArgs,
+        /// Connections this node must hold (default: shards × server.max_connections_per_shard).
+        #[arg(long)]
+        connections: Option<u64>,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print the version.
+    Version,
     /// Mint a login token signed with the configured key.
     Token {
         #[command(flatten)]
@@ -129,35 +144,153 @@ fn parse_sync(s: &str) -> Result<SyncPolicy, String> {
     }
 }
 
+/// Defaults < file < `GATEHOUSE_<SECTION>__<KEY>` environment < flags (applied by callers).
 fn load(args: &ConfigArgs) -> anyhow::Result<Config> {
-    let mut c = match &args.config {
-        Some(p) => Config::from_file(p)?,
-        None => Config::default(),
-    };
+    let mut c = Config::load(args.config.as_deref(), std::env::vars())?;
     if let Some(d) = &args.data_dir {
         c.store.data_dir = d.clone();
     }
     Ok(c)
 }
 
-fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("GATEHOUSE_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    use std::io::IsTerminal;
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
+/// Changes the log filter of the running process (SIGHUP).
+type LogReload =
+    tracing_subscriber::reload::Handle<tracing_subscriber::EnvFilter, tracing_subscriber::Registry>;
+
+/// The filter: `GATEHOUSE_LOG` when set (it wins), else `log.level`.
+fn log_filter(config: &Config) -> (tracing_subscriber::EnvFilter, String) {
+    match std::env::var("GATEHOUSE_LOG") {
+        Ok(v) if tracing_subscriber::EnvFilter::try_new(&v).is_ok() => {
+            (tracing_subscriber::EnvFilter::new(&v), v)
+        }
+        _ => (
+            tracing_subscriber::EnvFilter::new(&config.log.level),
+            config.log.level.clone(),
+        ),
+    }
 }
 
-/// Flag overrides of `gatehouse run` (they win over the file).
+fn init_logging(config: &Config) -> LogReload {
+    use std::io::IsTerminal;
+    use tracing_subscriber::layer::SubscriberExt as _;
+    use tracing_subscriber::util::SubscriberInitExt as _;
+    use tracing_subscriber::Layer as _;
+    let (filter, _) = log_filter(config);
+    let (filter, handle) = tracing_subscriber::reload::Layer::new(filter);
+    let fmt = match config.log.format {
+        LogFormat::Text => tracing_subscriber::fmt::layer()
+            .with_writer(std::io::stderr)
+            .with_ansi(std::io::stderr().is_terminal())
+            .boxed(),
+        LogFormat::Json => tracing_subscriber::fmt::layer()
+            .json()
+            .with_writer(std::io::stderr)
+            .boxed(),
+    };
+    tracing_subscriber::registry().with(filter).with(fmt).init();
+    handle
+}
+
+/// SIGHUP: re-reads the configuration (file and environment) and applies what can change
+/// while running: the log filter. Says what it reloaded and what needs a restart.
+fn reload(cfg: &ConfigArgs, running: &Config, log: &LogReload) {
+    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Reloading]);
+    match load(cfg).and_then(|c| c.validate().map(|()| c).map_err(Into::into)) {
+        Err(e) => {
+            tracing::error!(error = %format!("{e:#}"), "SIGHUP: configuration not reloaded; the running one stays")
+        }
+        Ok(new) => {
+            let (filter, level) = log_filter(&new);
+            match log.reload(filter) {
+                Ok(()) => tracing::info!(log_level = %level, "SIGHUP: reloaded the log filter"),
+                Err(e) => tracing::error!(error = %e, "SIGHUP: log filter not reloaded"),
+            }
+            let mut restart = Vec::new();
+            let sections: [(&str, bool); 8] = [
+                ("server", new.server != running.server),
+                ("runtime", new.runtime != running.runtime),
+                ("limits", new.limits != running.limits),
+                ("store", new.store != running.store),
+                ("auth", new.auth != running.auth),
+                ("cluster", new.cluster != running.cluster),
+                ("admin", new.admin != running.admin),
+                ("log.format", new.log.format != running.log.format),
+            ];
+            for (name, changed) in sections {
+                if changed {
+                    restart.push(name);
+                }
+            }
+            if !restart.is_empty() {
+                tracing::warn!(changed = ?restart, "SIGHUP: these changed and take effect only after a restart");
+            }
+        }
+    }
+    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
+}
+
+/// Runs the host checks for `config` at start: logs every check that is not OK; with
+/// `strict`, a failed check stops the start.
+fn startup_checks(config: &Config, strict: bool) -> anyhow::Result<()> {
+    use gatehouse::doctor::{evaluate, failed, Host, Status, Target};
+    match gatehouse::doctor::raise_nofile_soft_limit() {
+        Ok((before, after)) if before != after => {
+            tracing::info!(
+                before,
+                after,
+                "raised the open-files soft limit to the hard limit"
+            )
+        }
+        Ok(_) => {}
+        Err(e) => tracing::warn!(error = %e, "could not raise the open-files soft limit"),
+    }
+    let capacity = (config.shard_count() as u64)
+        .saturating_mul(config.server.max_connections_per_shard as u64);
+    let checks = evaluate(&Host::read(), &Target::new(config, capacity));
+    for c in checks
+        .iter()
+        .filter(|c| matches!(c.status, Status::Warn | Status::Fail))
+    {
+        tracing::warn!(check = c.check, current = %c.current, want = %c.want, status = ?c.status, fix = %c.fix, connections = capacity, "host check");
+    }
+    if strict && failed(&checks) {
+        let names: Vec<&str> = checks
+            .iter()
+            .filter(|c| c.status == Status::Fail)
+            .map(|c| c.check)
+            .collect();
+        anyhow::bail!(
+            "--strict: host checks failed for {capacity} connections: {} (run `gatehouse doctor` for the fixes)",
+            names.join(", ")
+        );
+    }
+    Ok(())
+}
+
+/// Flag overrides of `gatehouse run` (they win over the file and the environment).
+#[derive(clap::Args, Clone, Default)]
 struct RunOverrides {
+    /// Overrides server.listen.
+    #[arg(long)]
     listen: Option<std::net::SocketAddr>,
+    /// Overrides server.shards (0 = one per CPU).
+    #[arg(long)]
     shards: Option<usize>,
+    /// Overrides store.sync (always, batch, none).
+    #[arg(long, value_parser = parse_sync)]
     sync: Option<SyncPolicy>,
+    /// Overrides cluster.node_id.
+    #[arg(long)]
     node_id: Option<u32>,
+    /// Overrides cluster.nodes.
+    #[arg(long)]
     nodes: Option<u32>,
+    /// Overrides admin.listen (the admin endpoint's address; port 0 picks a free port).
+    #[arg(long)]
+    admin_listen: Option<std::net::SocketAddr>,
+    /// Refuse to start when a host check fails (see `gatehouse doctor`).
+    #[arg(long)]
+    strict: bool,
 }
 
 fn run(cfg: &ConfigArgs, o: RunOverrides) -> anyhow::Result<()> {
@@ -167,8 +300,13 @@ fn run(cfg: &ConfigArgs, o: RunOverrides) -> anyhow::Result<()> {
         sync,
         node_id,
         nodes,
+        admin_listen,
+        strict,
     } = o;
     let mut config = load(cfg)?;
+    if let Some(a) = admin_listen {
+        config.admin.listen = a;
+    }
     if let Some(n) = node_id {
         config.cluster.node_id = n;
     }
@@ -184,6 +322,9 @@ fn run(cfg: &ConfigArgs, o: RunOverrides) -> anyhow::Result<()> {
     if let Some(s) = sync {
         config.store.sync = s;
     }
+    config.validate()?;
+    let log = init_logging(&config);
+    startup_checks(&config, strict)?;
     // A broken invariant in any thread (a shard, the committer's blocking pool) must take the
     // whole node down loudly, not leave it half alive: log, then abort.
     let default_hook = std::panic::take_hook();
@@ -191,16 +332,72 @@ fn run(cfg: &ConfigArgs, o: RunOverrides) -> anyhow::Result<()> {
         default_hook(info);
         std::process::abort();
     }));
-    let handle = gatehouse::server::start(config)?;
+    let drain_deadline_ms = config.server.drain_deadline_ms;
+    let handle = gatehouse::server::start(config.clone())?;
     let stop = handle.stop_flag();
     for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
         signal_hook::flag::register(sig, stop.clone()).context("installing signal handler")?;
     }
-    println!("gatehouse listening on {}", handle.local_addr);
-    handle.wait()?;
+    let hup = Arc::new(AtomicBool::new(false));
+    signal_hook::flag::register(signal_hook::consts::SIGHUP, hup.clone())
+        .context("installing signal handler")?;
+    // One write for the banner lines, errors ignored: a parent that reads the first line and
+    // closes the pipe must not make a later print fail (and the panic hook abort).
+    let mut banner = format!("gatehouse listening on {}\n", handle.local_addr);
+    if let Some(a) = handle.admin_addr {
+        banner.push_str(&format!("gatehouse admin on http://{a}\n"));
+    }
+    {
+        use std::io::Write as _;
+        let mut out = std::io::stdout().lock();
+        let _ = out.write_all(banner.as_bytes());
+        let _ = out.flush();
+    }
+    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
+    let (done_tx, done_rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = done_tx.send(handle.wait());
+    });
+    // The control loop: SIGHUP reloads; once a drain starts (SIGTERM, SIGINT, POST /drain),
+    // tell systemd and enforce the deadline even if a shard hangs (everything acknowledged is
+    // already committed, so exiting loses nothing acknowledged).
+    let mut hard_deadline: Option<std::time::Instant> = None;
+    let result = loop {
+        match done_rx.recv_timeout(std::time::Duration::from_millis(100)) {
+            Ok(r) => break r,
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                break Err(anyhow::anyhow!("the node's waiter thread died"))
+            }
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+        }
+        if hup.swap(false, Ordering::Relaxed) {
+            reload(cfg, &config, &log);
+        }
+        if hard_deadline.is_none() && stop.load(Ordering::Relaxed) {
+            let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
+            tracing::info!(
+                deadline_ms = drain_deadline_ms,
+                "draining: not ready, not accepting, sending GO_AWAY at the paced rate"
+            );
+            hard_deadline = Some(
+                std::time::Instant::now()
+                    + std::time::Duration::from_millis(drain_deadline_ms + DRAIN_GRACE_MS),
+            );
+        }
+        if hard_deadline.is_some_and(|d| std::time::Instant::now() > d) {
+            tracing::error!(
+                "drain overran its deadline by {DRAIN_GRACE_MS} ms; exiting without waiting further"
+            );
+            std::process::exit(1);
+        }
+    };
+    result?;
     tracing::info!("gatehouse stopped");
     Ok(())
 }
+
+/// Time past `server.drain_deadline_ms` after which the process exits regardless.
+const DRAIN_GRACE_MS: u64 = 5_000;
 
 /// Logs in as `who`, with the address and key taken from the configuration where not given.
 fn client_login(cfg: &ConfigArgs, who: &ClientArgs) -> anyhow::Result<gatehouse::client::Client> {
@@ -319,32 +516,40 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let default_run = Cmd::Run {
         cfg: ConfigArgs::default(),
-        listen: None,
-        shards: None,
-        sync: None,
-        node_id: None,
-        nodes: None,
+        flags: RunOverrides::default(),
     };
     let result = match cli.command.unwrap_or(default_run) {
-        Cmd::Run {
+        Cmd::Run { cfg, flags } => run(&cfg, flags),
+        Cmd::Doctor {
             cfg,
-            listen,
-            shards,
-            sync,
-            node_id,
-            nodes,
-        } => {
-            init_logging();
-            run(
-                &cfg,
-                RunOverrides {
-                    listen,
-                    shards,
-                    sync,
-                    node_id,
-                    nodes,
-                },
-            )
+            connections,
+            json,
+        } => (|| {
+            use gatehouse::doctor::{evaluate, failed, table, Host, Target};
+            let config = load(&cfg)?;
+            config.validate()?;
+            let n = connections.unwrap_or_else(|| {
+                (config.shard_count() as u64)
+                    .saturating_mul(config.server.max_connections_per_shard as u64)
+            });
+            let checks = evaluate(&Host::read(), &Target::new(&config, n));
+            if json {
+                println!("{}", serde_json::to_string_pretty(&checks)?);
+            } else {
+                println!(
+                    "host checks for {n} connections, {} shards",
+                    config.shard_count()
+                );
+                print!("{}", table(&checks));
+            }
+            if failed(&checks) {
+                return Err(DoctorFailed.into());
+            }
+            Ok(())
+        })(),
+        Cmd::Version => {
+            println!("gatehouse {}", env!("CARGO_PKG_VERSION"));
+            Ok(())
         }
         Cmd::Token {
             cfg,
@@ -374,12 +579,23 @@ fn main() -> ExitCode {
         Cmd::CheckConfig { cfg } => (|| {
             let config = load(&cfg)?;
             config.validate()?;
-            println!("configuration OK ({} shards)", config.shard_count());
+            println!(
+                "configuration OK ({} shards): listen {}, data_dir {}, admin {}",
+                config.shard_count(),
+                config.server.listen,
+                config.store.data_dir.display(),
+                if config.admin.enabled {
+                    config.admin.listen.to_string()
+                } else {
+                    "off".into()
+                }
+            );
             Ok(())
         })(),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
+        Err(e) if e.is::<DoctorFailed>() => ExitCode::FAILURE,
         Err(e) => {
             eprintln!("gatehouse: error: {e:#}");
             ExitCode::FAILURE

@@ -12,11 +12,12 @@ use anyhow::{bail, Context as _};
 use glommio::channels::shared_channel::{self, SharedReceiver, SharedSender};
 use glommio::{LocalExecutorBuilder, Placement, PoolPlacement};
 
+use crate::admin::{self, AdminChannels, NodeState};
 use crate::config::Config;
 use crate::ids::ShardId;
 use crate::limits;
 use crate::runtime::listener::bind_reuseport;
-use crate::runtime::shard::{Batch, Shard, ShardConfig, ShardSeed};
+use crate::runtime::shard::{Batch, Control, Shard, ShardConfig, ShardSeed};
 use crate::runtime::watchdog::{self, Nudge, Pulse};
 use crate::session::SessionParams;
 use crate::store::{QueueLimits, Store};
@@ -25,6 +26,10 @@ use crate::store::{QueueLimits, Store};
 pub struct ServerHandle {
     /// Address the listeners are bound to (the real port when configured with port 0).
     pub local_addr: SocketAddr,
+    /// Address of the admin endpoint, when enabled.
+    pub admin_addr: Option<SocketAddr>,
+    state: Arc<NodeState>,
+    admin: Option<glommio::ExecutorJoinHandle<()>>,
     stop: Arc<AtomicBool>,
     shards: Vec<glommio::ExecutorJoinHandle<()>>,
     watchdog: Option<std::thread::JoinHandle<()>>,
@@ -35,6 +40,11 @@ impl ServerHandle {
     /// The flag that stops the node when set (for signal handlers).
     pub fn stop_flag(&self) -> Arc<AtomicBool> {
         self.stop.clone()
+    }
+
+    /// Readiness and drain state (shared with the admin endpoint).
+    pub fn state(&self) -> Arc<NodeState> {
+        self.state.clone()
     }
 
     /// Per-shard progress counters (heartbeats, envelopes, stalls).
@@ -60,6 +70,12 @@ impl ServerHandle {
         if let Some(w) = self.watchdog.take() {
             let _ = w.join();
         }
+        self.state.exited.store(true, Ordering::Relaxed);
+        if let Some(a) = self.admin.take() {
+            if let Err(e) = a.join() {
+                failed.push(format!("admin: {e}"));
+            }
+        }
         if !failed.is_empty() {
             bail!("shards failed: {}", failed.join("; "));
         }
@@ -70,6 +86,7 @@ impl ServerHandle {
 impl Drop for ServerHandle {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
+        self.state.exited.store(true, Ordering::Relaxed);
     }
 }
 
@@ -133,6 +150,8 @@ pub fn start(config: Config) -> anyhow::Result<ServerHandle> {
         sync: config.store.sync,
         sync_interval_ms: config.store.sync_interval_ms,
         heartbeat_ms: config.runtime.heartbeat_ms,
+        drain_goaway_per_s: (config.server.drain_goaway_per_s / shards as u64).max(1),
+        drain_deadline_ms: config.server.drain_deadline_ms,
         test_drop_delivery_every: test_drop_delivery_every(),
     };
 
@@ -166,7 +185,32 @@ pub fn start(config: Config) -> anyhow::Result<ServerHandle> {
         }
     }
 
+    // The admin endpoint: bound now so that a taken port fails the start at once; each shard
+    // gets a request channel from it and a reply channel to it (room for stale replies of a
+    // scrape that timed out, see `Shard::control`).
+    let mut admin_listener = None;
+    let mut controls: Vec<Option<Control>> = (0..shards).map(|_| None).collect();
+    let mut admin_channels = AdminChannels {
+        requests: Vec::new(),
+        replies: Vec::new(),
+    };
+    if config.admin.enabled {
+        let (l, addr) = admin::bind(config.admin.listen)
+            .with_context(|| format!("binding the admin endpoint {}", config.admin.listen))?;
+        admin_listener = Some((l, addr));
+        for c in controls.iter_mut() {
+            let (req_tx, req_rx) = shared_channel::new_bounded(1);
+            let (rep_tx, rep_rx) = shared_channel::new_bounded(8);
+            admin_channels.requests.push(req_tx);
+            admin_channels.replies.push(rep_rx);
+            *c = Some(Control {
+                requests: req_rx,
+                replies: rep_tx,
+            });
+        }
+    }
     let stop = Arc::new(AtomicBool::new(false));
+    let state = Arc::new(NodeState::new(stop.clone()));
     let pulses: Vec<Arc<Pulse>> = (0..shards).map(|_| Arc::new(Pulse::default())).collect();
     let nudges: Vec<Arc<Nudge>> = (0..shards).map(|_| Arc::new(Nudge::default())).collect();
     let cpus = allowed_cpus();
@@ -177,8 +221,9 @@ pub fn start(config: Config) -> anyhow::Result<ServerHandle> {
         .zip(listeners)
         .zip(senders)
         .zip(receivers)
+        .zip(controls)
         .enumerate();
-    for (i, (((o, listener), senders), receivers)) in seeds {
+    for (i, ((((o, listener), senders), receivers), control)) in seeds {
         let seed = ShardSeed {
             id: ShardId(i as u16),
             shards,
@@ -190,6 +235,7 @@ pub fn start(config: Config) -> anyhow::Result<ServerHandle> {
             params: params.clone(),
             cfg: cfg.clone(),
             pulses: pulses.clone(),
+            control,
             stop: stop.clone(),
             nudge: nudges[i].clone(),
             ready: ready_tx.clone(),
@@ -235,9 +281,26 @@ pub fn start(config: Config) -> anyhow::Result<ServerHandle> {
         config.runtime.stall_threshold_ms,
         stop.clone(),
     );
-    tracing::info!(%local_addr, shards, data_dir = %config.store.data_dir.display(), sync = ?config.store.sync, "gatehouse serving");
+    let (admin, admin_addr) = match admin_listener {
+        Some((l, addr)) => {
+            let h = admin::spawn(
+                l,
+                admin_channels,
+                state.clone(),
+                pulses.clone(),
+                config.runtime.io_memory_kib * 1024,
+            )?;
+            (Some(h), Some(addr))
+        }
+        None => (None, None),
+    };
+    state.ready.store(true, Ordering::Relaxed);
+    tracing::info!(%local_addr, admin = ?admin_addr, shards, data_dir = %config.store.data_dir.display(), sync = ?config.store.sync, "gatehouse serving");
     Ok(ServerHandle {
         local_addr,
+        admin_addr,
+        state,
+        admin,
         stop,
         shards: handles,
         watchdog: Some(watchdog),

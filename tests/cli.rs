@@ -18,6 +18,8 @@ fn run_gateway(data: &Path) -> (Child, String) {
                 "127.0.0.1:0",
                 "--shards",
                 "2",
+                "--admin-listen",
+                "127.0.0.1:0",
                 "--data-dir",
             ])
             .arg(data)

@@ -29,6 +29,7 @@ fn spawn_gateway(dir: &Path) -> (Child, SocketAddr) {
             .args(["run", "--config"])
             .arg(&cfg)
             .env("GATEHOUSE_LOG", "warn")
+            .env("GATEHOUSE_ADMIN__LISTEN", "127.0.0.1:0")
             .stderr(Stdio::inherit()),
     )
 }

@@ -37,7 +37,7 @@ fn gateway_once(dir: &Path, node: u32, nodes: u32, env: &[(&str, &str)]) -> Opti
     std::fs::write(
         &cfg,
         format!(
-            "[server]\nlisten = \"127.0.0.1:0\"\nshards = 2\n[store]\ndata_dir = {:?}\nmap_size_mib = 256\n[auth]\nkey_hex = \"{KEY}\"\n[cluster]\nnode_id = {node}\nnodes = {nodes}\n",
+            "[server]\nlisten = \"127.0.0.1:0\"\nshards = 2\n[store]\ndata_dir = {:?}\nmap_size_mib = 256\n[auth]\nkey_hex = \"{KEY}\"\n[cluster]\nnode_id = {node}\nnodes = {nodes}\n[admin]\nlisten = \"127.0.0.1:0\"\n",
             dir.join(format!("data{node}"))
         ),
     )

@@ -23,10 +23,38 @@ use super::now_ms;
 use super::shard::Shard;
 use crate::ids::{DeviceId, ServerMsgId, UserId};
 use crate::limits;
+use crate::metrics::CloseReason;
 use crate::proto::{split_frame, ServerFrame};
 use crate::session::{
     protocol_error, DeliveryWindow, Handshake, InFlight, Phase, SessionParams, Step,
 };
+
+/// Wire counters of the shard that runs on this thread. Each shard is one thread, so these
+/// are the shard's own plain counters (no atomics), read by its metrics snapshot.
+#[derive(Debug, Default)]
+pub struct IoCounts {
+    /// Frames read from clients.
+    pub frames_in: Cell<u64>,
+    /// Bytes read from clients.
+    pub bytes_in: Cell<u64>,
+    /// Frames queued to clients.
+    pub frames_out: Cell<u64>,
+    /// Bytes written to clients.
+    pub bytes_out: Cell<u64>,
+    /// ERROR frames queued, by code.
+    pub errors_sent: [Cell<u64>; crate::metrics::ERROR_CODES_MAX],
+    /// Connections closed as slow consumers.
+    pub slow_consumers: Cell<u64>,
+}
+
+thread_local! {
+    /// This thread's (shard's) wire counters.
+    pub static IO_COUNTS: IoCounts = IoCounts::default();
+}
+
+fn bump(c: &Cell<u64>, n: u64) {
+    c.set(c.get() + n);
+}
 
 /// Mutable state of one connection.
 #[derive(Debug)]
@@ -60,6 +88,8 @@ pub struct Conn {
     pub parked: Cell<bool>,
     /// The client closed its sending side.
     eof: Cell<bool>,
+    /// Why the server closes it (set by the first decision; the metrics label).
+    close_reason: Cell<CloseReason>,
 }
 
 impl Conn {
@@ -85,7 +115,21 @@ impl Conn {
             session_of: Cell::new(None),
             parked: Cell::new(false),
             eof: Cell::new(false),
+            close_reason: Cell::new(CloseReason::Peer),
         }
+    }
+
+    /// Closes with `reason` as the recorded cause (the first cause recorded wins).
+    pub fn close_as(&self, reason: CloseReason) {
+        if !self.is_closing() {
+            self.close_reason.set(reason);
+        }
+        self.close();
+    }
+
+    /// The recorded cause of the close.
+    pub fn close_reason(&self) -> CloseReason {
+        self.close_reason.get()
     }
 
     /// Wakes the connection's task (if it is waiting).
@@ -100,7 +144,7 @@ impl Conn {
         self.st.borrow().hs.phase()
     }
 
-    /// Queues an encoded frame and wakes the task.
+    /// Queues encoded bytes (a frame, or a part of one) and wakes the task.
     pub fn push_bytes(&self, b: Bytes) {
         let mut st = self.st.borrow_mut();
         if st.aborted {
@@ -114,6 +158,13 @@ impl Conn {
 
     /// Encodes and queues a frame.
     pub fn push_frame(&self, f: &ServerFrame) {
+        IO_COUNTS.with(|c| {
+            bump(&c.frames_out, 1);
+            if let ServerFrame::Error { code, .. } = f {
+                let i = usize::from(*code).min(crate::metrics::ERROR_CODES_MAX - 1);
+                bump(&c.errors_sent[i], 1);
+            }
+        });
         let mut b = BytesMut::with_capacity(48);
         f.encode(&mut b);
         self.push_bytes(b.freeze());
@@ -134,6 +185,11 @@ impl Conn {
     pub fn abort(&self) {
         self.st.borrow_mut().aborted = true;
         self.wake();
+    }
+
+    /// Whether the connection is moving to its owner shard (its end here is not a close).
+    pub fn is_handing_over(&self) -> bool {
+        self.st.borrow().handover.is_some()
     }
 
     /// Whether a close is under way.
@@ -282,6 +338,7 @@ impl Conn {
                 )
             };
             if n >= 0 {
+                IO_COUNTS.with(|c| bump(&c.bytes_out, n as u64));
                 Self::advance(&mut st, n as usize);
                 continue;
             }
@@ -292,7 +349,10 @@ impl Conn {
                     // Let glommio register write interest (it may also write a little).
                     let front = st.out[0].slice(st.out_offset..);
                     match Pin::new(&mut *stream).poll_write(cx, &front) {
-                        Poll::Ready(Ok(n)) => Self::advance(&mut st, n),
+                        Poll::Ready(Ok(n)) => {
+                            IO_COUNTS.with(|c| bump(&c.bytes_out, n as u64));
+                            Self::advance(&mut st, n)
+                        }
                         Poll::Ready(Err(e)) => return Err(e),
                         Poll::Pending => return Ok(()),
                     }
@@ -336,6 +396,7 @@ fn process(shard: &Shard, slot: u32, conn: &Rc<Conn>, data: &[u8], now: u64) -> 
             }
             Ok(Some(raw)) => {
                 off += raw.total_bytes;
+                IO_COUNTS.with(|c| bump(&c.frames_in, 1));
                 let step = {
                     let mut st = conn.st.borrow_mut();
                     st.last_rx_ms = now;
@@ -415,7 +476,8 @@ fn poll_conn(
                     0,
                     "outbound queue over its limit: the client does not read",
                 ));
-                conn.close();
+                IO_COUNTS.with(|c| bump(&c.slow_consumers, 1));
+                conn.close_as(CloseReason::SlowConsumer);
                 continue;
             }
         }
@@ -439,6 +501,7 @@ fn poll_conn(
             }
             Poll::Ready(Err(e)) => return Poll::Ready(Exit::Io(e)),
             Poll::Ready(Ok(n)) => {
+                IO_COUNTS.with(|c| bump(&c.bytes_in, n as u64));
                 let now = now_ms();
                 conn.now_ms.set(now);
                 consume(shard, slot, conn, &scratch[..n], now);
@@ -478,6 +541,9 @@ pub async fn serve(shard: Rc<Shard>, mut stream: TcpStream, slot: u32, conn: Rc<
         Exit::Io(e) => {
             tracing::debug!(shard = shard.id.0, slot, error = %e, "connection I/O error");
             drop(stream);
+            if !conn.is_closing() {
+                conn.close_reason.set(CloseReason::Io);
+            }
             shard.remove_conn(slot);
         }
         Exit::Closed => {

@@ -47,6 +47,7 @@ use crate::ids::{
     owner_node, owner_shard, DeviceId, ServerMsgId, ShardId, UserId, MSG_ID_COUNTER_BITS,
 };
 use crate::limits;
+use crate::metrics::{CloseReason, ShardSnapshot};
 use crate::proto::{
     body_bytes_max, deliver_header, ErrorCode, GoAwayReason, ReceiptKind, ServerFrame,
     DELIVER_HEADER_BYTES,
@@ -145,6 +146,10 @@ pub struct ShardConfig {
     pub sync_interval_ms: u64,
     /// Heartbeat period, ms (0 = off).
     pub heartbeat_ms: u64,
+    /// Drain: GO_AWAY frames this shard sends per second.
+    pub drain_goaway_per_s: u64,
+    /// Drain: the shard finishes this long after it sees the stop flag, ms.
+    pub drain_deadline_ms: u64,
     /// Test hook, never for production: silently drop every n-th message delivery (delete it
     /// as if acknowledged, send nothing), so that tests can prove the loadgen's loss check
     /// fails. Set only by the `GATEHOUSE_TEST_DROP_DELIVERY_EVERY` environment variable.
@@ -175,8 +180,8 @@ enum Completion {
 pub struct ShardStats {
     /// Connections accepted or adopted.
     pub conns_opened: Cell<u64>,
-    /// Connections closed.
-    pub conns_closed: Cell<u64>,
+    /// Connections closed, by `CloseReason` (hand-overs are not closes).
+    pub conns_closed: [Cell<u64>; CloseReason::ALL.len()],
     /// Connections refused at the per-shard limit.
     pub conns_refused: Cell<u64>,
     /// Successful logins (counted on the shard that verified the token).
@@ -197,6 +202,18 @@ pub struct ShardStats {
     pub commits: Cell<u64>,
     /// Group commits that failed.
     pub commit_failures: Cell<u64>,
+    /// Envelopes queued for other shards.
+    pub envelopes_routed: Cell<u64>,
+    /// ACKed ids received from devices.
+    pub acks: Cell<u64>,
+    /// Batches that found a shard-to-shard channel full.
+    pub channel_full: Cell<u64>,
+    /// Episodes in which the shard stopped reading client input (back-pressure).
+    pub backpressure_pauses: Cell<u64>,
+}
+
+fn bump(c: &Cell<u64>, n: u64) {
+    c.set(c.get() + n);
 }
 
 /// A shard-to-shard outbox: envelopes waiting for the flusher task.
@@ -213,6 +230,15 @@ struct Queues {
     cross: TaskQueueHandle,
     store: TaskQueueHandle,
     housekeeping: TaskQueueHandle,
+}
+
+/// A shard's end of the admin endpoint's channels: scrape requests (a sequence number) in,
+/// snapshots out.
+pub struct Control {
+    /// Scrape requests from the admin executor.
+    pub requests: SharedReceiver<u64>,
+    /// Snapshots back to it.
+    pub replies: SharedSender<Box<ShardSnapshot>>,
 }
 
 /// Everything a shard thread needs to start; `Send`, built by [`crate::server`].
@@ -237,6 +263,9 @@ pub struct ShardSeed {
     pub cfg: ShardConfig,
     /// Every shard's pulse (own at `id`).
     pub pulses: Vec<Arc<Pulse>>,
+    /// The admin endpoint's control channels (metrics requests in, snapshots out), if the
+    /// endpoint is enabled.
+    pub control: Option<Control>,
     /// Set to stop the node.
     pub stop: Arc<AtomicBool>,
     /// Woken by the watchdog thread every heartbeat period.
@@ -273,6 +302,8 @@ pub struct Shard {
     pub commit_us: RefCell<Histogram<u64>>,
     /// Ops per group commit.
     pub commit_ops: RefCell<Histogram<u64>>,
+    /// Server-side send→deliver latency of live deliveries, µs (1 ms resolution).
+    pub deliver_us: RefCell<Histogram<u64>>,
     pulses: Vec<Arc<Pulse>>,
     stop: Arc<AtomicBool>,
     dirty: Cell<bool>,
@@ -342,6 +373,7 @@ impl Shard {
             stats: ShardStats::default(),
             commit_us: RefCell::new(hist()),
             commit_ops: RefCell::new(hist()),
+            deliver_us: RefCell::new(hist()),
             pulses: seed.pulses,
             stop: seed.stop,
             dirty: Cell::new(false),
@@ -387,6 +419,17 @@ impl Shard {
             Box::pin(async move { s.sweeper().await }),
             queues.housekeeping,
         );
+        let control = seed.control.map(|c| {
+            let s = shard.clone();
+            spawn(
+                Box::pin(async move {
+                    let requests = c.requests.connect().await;
+                    let replies = c.replies.connect().await;
+                    s.control(requests, replies).await
+                }),
+                queues.housekeeping,
+            )
+        });
         let s = shard.clone();
         let acceptor = spawn(
             Box::pin(async move { s.accept_loop(listener).await }),
@@ -405,7 +448,10 @@ impl Shard {
         }
         acceptor.cancel().await;
         shard.shutdown().await;
-        for t in [sweeper, heartbeat, syncer, committer] {
+        for t in [sweeper, heartbeat, syncer, committer]
+            .into_iter()
+            .chain(control)
+        {
             t.cancel().await;
         }
         for t in cross {
@@ -413,14 +459,57 @@ impl Shard {
         }
     }
 
-    /// Stops a shard: GO_AWAY(shutdown) to every connection, commit everything pending,
-    /// fsync, and give connections a moment to flush.
+    /// Drains a shard (the acceptor is already stopped): GO_AWAY(shutdown) to its
+    /// connections at the paced rate, everyone left at once when the pace would overrun the
+    /// deadline, then commit everything pending, fsync, and give connections a moment to
+    /// flush. Connections not yet told keep being served meanwhile.
     async fn shutdown(self: &Rc<Self>) {
+        let start = Instant::now();
+        let deadline = start + Duration::from_millis(self.cfg.drain_deadline_ms);
+        // The last fifth of the deadline (at most SHUTDOWN_FLUSH_MS) is kept for the final
+        // commit and sync.
+        let reserve = (self.cfg.drain_deadline_ms / 5).min(limits::SHUTDOWN_FLUSH_MS);
+        let pace_until = deadline - Duration::from_millis(reserve);
+        // One snapshot of the connections, walked in order: O(1) per GO_AWAY even at a
+        // million connections. Hand-overs adopted meanwhile are caught by the final sweep.
         let conns: Vec<Rc<Conn>> = self.conns.borrow().iter().map(|(_, c)| c.clone()).collect();
-        for c in &conns {
+        let total = conns.len();
+        let mut next = 0;
+        while next < conns.len() {
+            // Credit by elapsed time, so any rate (even below one per tick) is kept exactly.
+            let allowed =
+                1 + self.cfg.drain_goaway_per_s as u128 * start.elapsed().as_millis() / 1000;
+            let n = if Instant::now() >= pace_until {
+                conns.len() - next
+            } else {
+                (allowed.saturating_sub(next as u128) as usize).min(conns.len() - next)
+            };
+            for c in &conns[next..next + n] {
+                if !c.is_closing() && !c.is_handing_over() {
+                    self.go_away(c, GoAwayReason::Shutdown, "server shutting down");
+                }
+            }
+            next += n;
+            if next < conns.len() {
+                glommio::timer::sleep(Duration::from_millis(limits::DRAIN_TICK_MS)).await;
+            }
+        }
+        drop(conns);
+        let late: Vec<Rc<Conn>> = self.conns.borrow().iter().map(|(_, c)| c.clone()).collect();
+        for c in late
+            .iter()
+            .filter(|c| !c.is_closing() && !c.is_handing_over())
+        {
             self.go_away(c, GoAwayReason::Shutdown, "server shutting down");
         }
-        let deadline = Instant::now() + Duration::from_millis(limits::SHUTDOWN_FLUSH_MS);
+        drop(late);
+        tracing::info!(
+            shard = self.id.0,
+            connections = total,
+            elapsed_ms = start.elapsed().as_millis() as u64,
+            "drain: every connection told to go away"
+        );
+        let deadline = deadline.max(Instant::now() + Duration::from_millis(100));
         while (!self.pending.borrow().is_empty() || self.committing.get())
             && Instant::now() < deadline
         {
@@ -433,7 +522,7 @@ impl Shard {
         if let Err(e) = blocking(move || store.sync()).await {
             tracing::error!(shard = self.id.0, error = %e, "shutdown: final sync failed");
         }
-        let deadline = Instant::now() + Duration::from_millis(1_000);
+        let deadline = deadline.min(Instant::now() + Duration::from_millis(1_000));
         while !self.conns.borrow().is_empty() && Instant::now() < deadline {
             glommio::timer::sleep(Duration::from_millis(5)).await;
         }
@@ -459,6 +548,9 @@ impl Shard {
     /// Removes a finished connection and its session entry.
     pub fn remove_conn(&self, slot: u32) {
         let conn = self.conns.borrow_mut().remove(slot as usize);
+        if !conn.is_handing_over() {
+            bump(&self.stats.conns_closed[conn.close_reason() as usize], 1);
+        }
         self.pulses[self.id.index()]
             .connections
             .fetch_sub(1, Ordering::Relaxed);
@@ -471,9 +563,6 @@ impl Shard {
                 }
             }
         }
-        self.stats
-            .conns_closed
-            .set(self.stats.conns_closed.get() + 1);
     }
 
     fn conn_at(&self, slot: u32) -> Option<Rc<Conn>> {
@@ -498,6 +587,9 @@ impl Shard {
     /// once (`Conn::parked`), and waking clears the flag.
     pub fn park_reader(&self, conn: &Rc<Conn>) {
         if !conn.parked.replace(true) {
+            if self.paused.borrow().is_empty() {
+                bump(&self.stats.backpressure_pauses, 1);
+            }
             self.paused.borrow_mut().push(conn.clone());
         }
     }
@@ -518,7 +610,11 @@ impl Shard {
             reason,
             message: message.to_string(),
         });
-        conn.close();
+        conn.close_as(match reason {
+            GoAwayReason::Shutdown => CloseReason::Shutdown,
+            GoAwayReason::Replaced => CloseReason::Replaced,
+            GoAwayReason::Idle => CloseReason::Idle,
+        });
     }
 
     /// Acts on one step of a connection's state machine.
@@ -532,8 +628,22 @@ impl Shard {
                 self.stats
                     .fatal_errors
                     .set(self.stats.fatal_errors.get() + 1);
+                let reason = match &frame {
+                    ServerFrame::Error { code, .. }
+                        if [
+                            ErrorCode::BadToken,
+                            ErrorCode::TokenExpired,
+                            ErrorCode::WrongNode,
+                        ]
+                        .iter()
+                        .any(|c| *c as u16 == *code) =>
+                    {
+                        CloseReason::Auth
+                    }
+                    _ => CloseReason::Protocol,
+                };
                 conn.push_frame(&frame);
-                conn.close();
+                conn.close_as(reason);
             }
             Step::LoggedIn { user, device } => {
                 self.stats.logins_ok.set(self.stats.logins_ok.get() + 1);
@@ -690,6 +800,7 @@ impl Shard {
                 self.route(owner_shard(recipient, self.shards), env);
             }
             Command::Ack { ids } => {
+                bump(&self.stats.acks, ids.len() as u64);
                 for id in ids {
                     match conn.acked(id) {
                         None => conn.push_frame(&ServerFrame::error(
@@ -759,6 +870,7 @@ impl Shard {
             self.handle_envelope(env);
             return;
         }
+        bump(&self.stats.envelopes_routed, 1);
         let outbox = &self.outboxes[dest.index()];
         outbox.queue.borrow_mut().push(env);
         wake(&outbox.waker);
@@ -866,7 +978,15 @@ impl Shard {
                 .envelopes_in
                 .fetch_add(n, Ordering::Relaxed);
             // Awaiting here is the back-pressure point; this task never receives.
-            if sender.send(batch).await.is_err() {
+            let sent = match sender.try_send(batch) {
+                Ok(()) => true,
+                Err(glommio::GlommioError::WouldBlock(glommio::ResourceType::Channel(batch))) => {
+                    bump(&self.stats.channel_full, 1);
+                    sender.send(batch).await.is_ok()
+                }
+                Err(_) => false,
+            };
+            if !sent {
                 tracing::debug!(shard = self.id.0, peer, "peer shard gone; flusher stops");
                 return;
             }
@@ -922,7 +1042,7 @@ impl Shard {
                     0,
                     "cannot read your queue; reconnect later",
                 ));
-                conn.close();
+                conn.close_as(CloseReason::Internal);
             }
         }
     }
@@ -967,6 +1087,7 @@ impl Shard {
                 ts_ms,
                 body,
             } => {
+                conn::IO_COUNTS.with(|c| bump(&c.frames_out, 1));
                 let header = deliver_header(id, *sender, *sender_device, *ts_ms, body.len());
                 conn.push_bytes(Bytes::copy_from_slice(&header));
                 conn.push_bytes(body.clone());
@@ -1020,6 +1141,10 @@ impl Shard {
                 && conn.room(self.cfg.delivery_window) > 0
                 && self.has_out_room(&conn, item)
             {
+                if let Item::Message { ts_ms, .. } = item {
+                    let us = now_ms().saturating_sub(*ts_ms).saturating_mul(1000);
+                    self.deliver_us.borrow_mut().saturating_record(us.max(1));
+                }
                 self.deliver(&conn, id, item);
             } else {
                 conn.set_caught_up(false);
@@ -1221,7 +1346,7 @@ impl Shard {
                     if let Step::Fatal(frame) = step {
                         c.push_frame(&frame);
                     }
-                    c.close();
+                    c.close_as(CloseReason::LoginTimeout);
                 } else if matches!(c.phase(), Phase::Active { .. })
                     && now.saturating_sub(c.last_rx_ms()) >= self.cfg.idle_timeout_ms
                 {
@@ -1273,6 +1398,73 @@ impl Shard {
                 }
             }
         }
+    }
+
+    /// Answers the admin endpoint's scrapes until it goes away.
+    ///
+    /// glommio's channels can deadlock when one task awaits both sends and receives (issue
+    /// #555): this task only awaits receives and answers with `try_send`. The admin side
+    /// keeps at most one request per shard outstanding, and the reply channel has room for
+    /// stale answers, so `try_send` finds room; if it ever does not, that scrape reports the
+    /// shard as unanswered.
+    async fn control(
+        self: Rc<Self>,
+        requests: ConnectedReceiver<u64>,
+        replies: ConnectedSender<Box<ShardSnapshot>>,
+    ) {
+        while let Some(seq) = requests.recv().await {
+            if replies.try_send(Box::new(self.snapshot(seq))).is_err() {
+                tracing::debug!(
+                    shard = self.id.0,
+                    seq,
+                    "metrics reply channel full; answer dropped"
+                );
+            }
+        }
+    }
+
+    /// This shard's counters, gauges and histograms now.
+    pub fn snapshot(&self, seq: u64) -> ShardSnapshot {
+        let (queue_items, queue_bytes) = self.store.queue_stats().unwrap_or_else(|e| {
+            tracing::warn!(shard = self.id.0, error = %e, "reading queue statistics failed");
+            (0, 0)
+        });
+        let st = &self.stats;
+        let pulse = &self.pulses[self.id.index()];
+        conn::IO_COUNTS.with(|io| ShardSnapshot {
+            shard: self.id.0,
+            seq,
+            connections: self.conns.borrow().len() as u64,
+            sessions: self.sessions.borrow().len() as u64,
+            conns_opened: st.conns_opened.get(),
+            conns_refused: st.conns_refused.get(),
+            conns_closed: std::array::from_fn(|i| st.conns_closed[i].get()),
+            logins_ok: st.logins_ok.get(),
+            errors_sent: std::array::from_fn(|i| io.errors_sent[i].get()),
+            handovers_out: st.handovers_out.get(),
+            handovers_in: pulse.handovers_in.load(Ordering::Relaxed),
+            frames_in: io.frames_in.get(),
+            bytes_in: io.bytes_in.get(),
+            frames_out: io.frames_out.get(),
+            bytes_out: io.bytes_out.get(),
+            messages_accepted: st.messages_accepted.get(),
+            messages_refused: st.messages_refused.get(),
+            envelopes_routed: st.envelopes_routed.get(),
+            deliveries: st.deliveries.get(),
+            acks: st.acks.get(),
+            receipts_dropped: st.receipts_dropped.get(),
+            queue_items,
+            queue_bytes,
+            commits: st.commits.get(),
+            commit_failures: st.commit_failures.get(),
+            pending_ops: self.pending.borrow().len() as u64,
+            channel_full: st.channel_full.get(),
+            backpressure_pauses: st.backpressure_pauses.get(),
+            slow_consumers: io.slow_consumers.get(),
+            commit_us: self.commit_us.borrow().clone(),
+            commit_ops: self.commit_ops.borrow().clone(),
+            deliver_us: self.deliver_us.borrow().clone(),
+        })
     }
 
     /// Connections on this shard now.

@@ -465,6 +465,14 @@ impl Store {
         Ok(out)
     }
 
+    /// Items queued on this shard (messages and receipts of every user) and the bytes the
+    /// queue's B-tree pages use. A read snapshot: never blocks on the writer.
+    pub fn queue_stats(&self) -> Result<(u64, u64), StoreError> {
+        let rtxn = self.env.read_txn().map_err(|e| self.err(e))?;
+        let st = self.queue.stat(&rtxn).map_err(|e| self.err(e))?;
+        Ok((st.entries as u64, st.non_free_page_size() as u64))
+    }
+
     /// Messages and receipts queued for `user`.
     pub fn queue_counts(&self, user: UserId) -> Result<(u32, u32), StoreError> {
         let rtxn = self.env.read_txn().map_err(|e| self.err(e))?;

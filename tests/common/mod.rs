@@ -36,6 +36,7 @@ pub fn config(dir: &Path) -> Config {
     c.store.data_dir = dir.to_path_buf();
     c.store.map_size_mib = 64;
     c.auth.key_hex = Some(KEY_HEX.to_string());
+    c.admin.listen = "127.0.0.1:0".parse().unwrap();
     c
 }
 
