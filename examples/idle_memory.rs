@@ -47,7 +47,7 @@ fn main() {
     std::fs::write(
         &cfg,
         format!(
-            "[server]\nlisten = \"127.0.0.1:0\"\nshards = {shards}\n[store]\ndata_dir = {:?}\nmap_size_mib = 64\n[auth]\nkey_hex = \"{KEY}\"\n",
+            "[server]\nlisten = \"127.0.0.1:0\"\nshards = {shards}\n[store]\ndata_dir = {:?}\nmap_size_mib = 64\n[auth]\nkey_hex = \"{KEY}\"\n[limits]\nconnect_rate_per_source = 0\n",
             dir.path().join("data")
         ),
     )

@@ -107,6 +107,11 @@ sync = "$sync"
 key_hex = "$key"
 [runtime]
 heartbeat_ms = $heartbeat_ms
+# A few loadgen users stand in for many real ones, from few source addresses: the per-source
+# connection and per-connection SEND limits would measure themselves, not the gateway.
+[limits]
+connect_rate_per_source = 0
+send_rate_per_s = 0
 [cluster]
 node_id = $i
 nodes = $nodes

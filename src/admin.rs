@@ -1,29 +1,24 @@
 //! The admin endpoint: `GET /metrics`, `GET /healthz`, `GET /readyz`, `POST /drain`.
 //!
-//! Control plane, kept off the data plane: it runs on its own small glommio executor (not
-//! pinned, so it never takes a shard's core for itself) with its own listener, loopback by
-//! default since it can drain the node. A scrape asks every shard for a
-//! [`ShardSnapshot`] over its control channel, waits for the answers (bounded by
-//! [`SCRAPE_TIMEOUT_MS`]) and encodes them (`metrics.rs`). Shards never see HTTP.
+//! Control plane, kept off the data plane: it runs on its own plain threads (not pinned, so
+//! it never takes a shard's core for itself) with its own listener, loopback by default since
+//! it can drain the node. A scrape raises each shard's requested sequence number; every shard
+//! polls its mailbox on a short timer ([`crate::limits::CONTROL_POLL_MS`]) and answers with a
+//! [`ShardSnapshot`] over a bounded channel, and the scrape encodes the answers that came
+//! within [`SCRAPE_TIMEOUT_MS`] (`metrics.rs`). Shards never see HTTP, never block on the
+//! admin side, and are never woken by it.
 //!
 //! HTTP/1.1 is served minimally: one request per connection (`Connection: close`), a head of at
 //! most [`REQUEST_HEAD_BYTES_MAX`] parsed by `httparse`, no body. That is all Prometheus and
 //! load balancers' health checks need.
 
-use std::cell::Cell;
-use std::net::SocketAddr;
-use std::os::fd::{FromRawFd, IntoRawFd};
-use std::rc::Rc;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-
-use futures_lite::{AsyncReadExt, AsyncWriteExt};
-use glommio::channels::shared_channel::{
-    ConnectedReceiver, ConnectedSender, SharedReceiver, SharedSender,
-};
-use glommio::net::{TcpListener, TcpStream};
-use glommio::{LocalExecutorBuilder, Placement};
 
 use crate::metrics::{NodeFacts, ShardSnapshot};
 use crate::runtime::watchdog::Pulse;
@@ -32,12 +27,14 @@ use crate::runtime::watchdog::Pulse;
 pub const SCRAPE_TIMEOUT_MS: u64 = 2_000;
 /// Largest request head accepted.
 pub const REQUEST_HEAD_BYTES_MAX: usize = 8 * 1024;
-/// Time a client gets to send its request head.
+/// Time a client gets to send its request head (and to take the response).
 pub const REQUEST_TIMEOUT_MS: u64 = 5_000;
-/// Admin connections served at once; more wait in the listen backlog.
-pub const CONNECTIONS_MAX: usize = 64;
+/// Admin connections served at once (a thread each); more are closed at once.
+pub const CONNECTIONS_MAX: usize = 16;
 /// A shard whose heartbeat has not advanced for this long makes `/healthz` fail.
 pub const HEALTH_STALE_MS: u64 = 2_000;
+/// Replies a shard may have waiting (answers to scrapes that timed out, then the current one).
+pub const REPLIES_QUEUED_MAX: usize = 8;
 
 /// Node state shared by the admin endpoint, the signal handling in `main` and the shards.
 #[derive(Debug)]
@@ -46,7 +43,7 @@ pub struct NodeState {
     pub stop: Arc<AtomicBool>,
     /// Set once every shard serves.
     pub ready: AtomicBool,
-    /// Set when the node has stopped; the admin executor exits.
+    /// Set when the node has stopped; the admin thread exits.
     pub exited: AtomicBool,
     /// When the node started.
     pub started: Instant,
@@ -69,123 +66,139 @@ impl NodeState {
     }
 }
 
-/// The admin executor's ends of the shards' control channels.
-pub struct AdminChannels {
-    /// Scrape requests to each shard.
-    pub requests: Vec<SharedSender<u64>>,
-    /// Snapshots from each shard.
-    pub replies: Vec<SharedReceiver<Box<ShardSnapshot>>>,
+/// The admin endpoint's side of one shard's control mailbox.
+pub struct ShardLink {
+    /// Highest scrape sequence number asked of the shard.
+    pub requested: Arc<AtomicU64>,
+    /// The shard's answers.
+    pub replies: Receiver<Box<ShardSnapshot>>,
+}
+
+/// A shard's side of its control mailbox: it polls `requested` on a short timer and answers
+/// with `try_send`, so it never blocks and awaits nothing but its own timer.
+pub struct ShardControl {
+    /// Highest scrape sequence number asked of the shard.
+    pub requested: Arc<AtomicU64>,
+    /// Where the answers go.
+    pub replies: SyncSender<Box<ShardSnapshot>>,
+}
+
+/// A linked pair for one shard.
+pub fn control_pair() -> (ShardLink, ShardControl) {
+    let requested = Arc::new(AtomicU64::new(0));
+    let (tx, rx) = std::sync::mpsc::sync_channel(REPLIES_QUEUED_MAX);
+    (
+        ShardLink {
+            requested: requested.clone(),
+            replies: rx,
+        },
+        ShardControl {
+            requested,
+            replies: tx,
+        },
+    )
 }
 
 /// Binds the admin listener (so that a taken port fails the start at once) and returns it
 /// with its real address.
-pub fn bind(addr: SocketAddr) -> std::io::Result<(std::net::TcpListener, SocketAddr)> {
-    let l = std::net::TcpListener::bind(addr)?;
+pub fn bind(addr: SocketAddr) -> std::io::Result<(TcpListener, SocketAddr)> {
+    let l = TcpListener::bind(addr)?;
     let a = l.local_addr()?;
     Ok((l, a))
 }
 
 struct Admin {
-    requests: Vec<ConnectedSender<u64>>,
-    replies: Vec<ConnectedReceiver<Box<ShardSnapshot>>>,
-    scraping: glommio::sync::Semaphore,
-    seq: Cell<u64>,
+    /// One scrape at a time (so each shard has at most one request outstanding): the last
+    /// sequence number and the shards' links.
+    scraping: Mutex<(u64, Vec<ShardLink>)>,
     state: Arc<NodeState>,
     pulses: Vec<Arc<Pulse>>,
     /// (beats, when seen) per shard, for `/healthz`.
-    beats_seen: std::cell::RefCell<Vec<(u64, Instant)>>,
-    open: Cell<usize>,
+    beats_seen: Mutex<Vec<(u64, Instant)>>,
+    open: AtomicUsize,
 }
 
-/// Starts the admin executor on its own thread; it serves until `state.exited` is set.
+/// Starts the admin endpoint on its own thread; it serves until `state.exited` is set.
+///
+/// Plain threads with blocking sockets, not a glommio executor: a glommio executor about to
+/// sleep issues `membarrier(MEMBARRIER_CMD_PRIVATE_EXPEDITED)`, which interrupts every core
+/// running this process, shards included. Scraping from an executor raised the chat p99
+/// measurably (docs/benchmarks.md, Admin endpoint).
 pub fn spawn(
-    listener: std::net::TcpListener,
-    channels: AdminChannels,
+    listener: TcpListener,
+    links: Vec<ShardLink>,
     state: Arc<NodeState>,
     pulses: Vec<Arc<Pulse>>,
-    io_memory_bytes: usize,
-) -> anyhow::Result<glommio::ExecutorJoinHandle<()>> {
-    let fd = listener.into_raw_fd();
-    LocalExecutorBuilder::new(Placement::Unbound)
-        .name("gatehouse-admin")
-        .io_memory(io_memory_bytes)
-        .ring_depth(64)
-        .spawn(move || async move {
-            // SAFETY: `fd` is a bound, listening TCP socket whose ownership moves here.
-            let listener = unsafe { TcpListener::from_raw_fd(fd) };
-            let mut requests = Vec::new();
-            for s in channels.requests {
-                requests.push(s.connect().await);
-            }
-            let mut replies = Vec::new();
-            for r in channels.replies {
-                replies.push(r.connect().await);
-            }
-            let now = Instant::now();
-            let admin = Rc::new(Admin {
-                beats_seen: std::cell::RefCell::new(
-                    pulses
-                        .iter()
-                        .map(|p| (p.beats.load(Ordering::Relaxed), now))
-                        .collect(),
-                ),
-                requests,
-                replies,
-                scraping: glommio::sync::Semaphore::new(1),
-                seq: Cell::new(0),
-                state,
-                pulses,
-                open: Cell::new(0),
-            });
-            let a = admin.clone();
-            let acceptor = glommio::spawn_local(async move { a.accept_loop(listener).await });
-            // This periodic timer also bounds glommio 0.9's executor stall (an executor can
-            // park with runnable tasks) to its period on this executor.
-            while !admin.state.exited.load(Ordering::Relaxed) {
-                glommio::timer::sleep(Duration::from_millis(100)).await;
-            }
-            acceptor.cancel().await;
-        })
-        .map_err(|e| anyhow::anyhow!("starting the admin executor: {e}"))
+) -> std::io::Result<std::thread::JoinHandle<()>> {
+    let now = Instant::now();
+    let admin = Arc::new(Admin {
+        beats_seen: Mutex::new(
+            pulses
+                .iter()
+                .map(|p| (p.beats.load(Ordering::Relaxed), now))
+                .collect(),
+        ),
+        scraping: Mutex::new((0, links)),
+        state,
+        pulses,
+        open: AtomicUsize::new(0),
+    });
+    std::thread::Builder::new()
+        .name("gatehouse-admin".into())
+        .spawn(move || admin.accept_loop(listener))
 }
 
 impl Admin {
-    async fn accept_loop(self: Rc<Self>, listener: TcpListener) {
-        loop {
-            match listener.accept().await {
-                Ok(stream) => {
-                    if self.open.get() >= CONNECTIONS_MAX {
+    fn accept_loop(self: Arc<Self>, listener: TcpListener) {
+        let fd = listener.as_raw_fd();
+        while !self.state.exited.load(Ordering::Relaxed) {
+            // Wait for a connection or 100 ms, so that the thread sees the node exit.
+            let mut pfd = libc::pollfd {
+                fd,
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // SAFETY: one valid pollfd for a socket we own.
+            if unsafe { libc::poll(&mut pfd, 1, 100) } <= 0 {
+                continue;
+            }
+            match listener.accept() {
+                Ok((stream, _)) => {
+                    if self.open.fetch_add(1, Ordering::Relaxed) >= CONNECTIONS_MAX {
+                        self.open.fetch_sub(1, Ordering::Relaxed);
                         continue; // Dropped: closes the connection.
                     }
-                    self.open.set(self.open.get() + 1);
                     let a = self.clone();
-                    glommio::spawn_local(async move {
-                        a.serve(stream).await;
-                        a.open.set(a.open.get() - 1);
-                    })
-                    .detach();
+                    let spawned = std::thread::Builder::new()
+                        .name("gatehouse-admin-conn".into())
+                        .spawn(move || {
+                            a.serve(stream);
+                            a.open.fetch_sub(1, Ordering::Relaxed);
+                        });
+                    if spawned.is_err() {
+                        self.open.fetch_sub(1, Ordering::Relaxed);
+                    }
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "admin accept failed");
-                    glommio::timer::sleep(Duration::from_millis(50)).await;
+                    std::thread::sleep(Duration::from_millis(50));
                 }
             }
         }
     }
 
-    async fn serve(&self, mut stream: TcpStream) {
-        let head = glommio::timer::timeout(Duration::from_millis(REQUEST_TIMEOUT_MS), async {
-            Ok(read_head(&mut stream).await)
-        })
-        .await;
-        let (status, ctype, body) = match head {
-            Ok(Ok(buf)) => self.respond(&buf).await,
-            Ok(Err(why)) => (400, "text/plain", format!("{why}\n")),
-            Err(_) => (
+    fn serve(&self, mut stream: TcpStream) {
+        let timeout = Some(Duration::from_millis(REQUEST_TIMEOUT_MS));
+        let _ = stream.set_read_timeout(timeout);
+        let _ = stream.set_write_timeout(timeout);
+        let (status, ctype, body) = match read_head(&mut stream) {
+            Ok(buf) => self.respond(&buf),
+            Err(HeadError::TimedOut) => (
                 408,
                 "text/plain",
                 "request head not received in time\n".into(),
             ),
+            Err(HeadError::Bad(why)) => (400, "text/plain", format!("{why}\n")),
         };
         let reason = match status {
             200 => "OK",
@@ -201,13 +214,11 @@ impl Admin {
              Connection: close\r\n\r\n",
             body.len()
         );
-        let _ = stream.write_all(head.as_bytes()).await;
-        let _ = stream.write_all(body.as_bytes()).await;
-        let _ = stream.flush().await;
-        let _ = stream.close().await;
+        let _ = stream.write_all(head.as_bytes());
+        let _ = stream.write_all(body.as_bytes());
     }
 
-    async fn respond(&self, buf: &[u8]) -> (u16, &'static str, String) {
+    fn respond(&self, buf: &[u8]) -> (u16, &'static str, String) {
         let mut headers = [httparse::EMPTY_HEADER; 32];
         let mut req = httparse::Request::new(&mut headers);
         match req.parse(buf) {
@@ -220,11 +231,12 @@ impl Admin {
         let method = req.method.unwrap_or("");
         let path = req.path.unwrap_or("").split('?').next().unwrap_or("");
         let text = "text/plain; charset=utf-8";
+        let endpoints = "GET /metrics, /healthz, /readyz; POST /drain";
         match (method, path) {
             ("GET", "/metrics") => (
                 200,
                 "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                self.scrape().await,
+                self.scrape(),
             ),
             ("GET", "/healthz") => match self.unhealthy() {
                 None => (200, text, "ok\n".into()),
@@ -240,8 +252,7 @@ impl Admin {
                 }
             }
             ("POST", "/drain") => {
-                let already = self.state.stop.swap(true, Ordering::Relaxed);
-                if !already {
+                if !self.state.stop.swap(true, Ordering::Relaxed) {
                     tracing::info!("drain requested through the admin endpoint");
                 }
                 (202, text, "draining\n".into())
@@ -249,12 +260,12 @@ impl Admin {
             (_, "/metrics" | "/healthz" | "/readyz" | "/drain") => (
                 405,
                 text,
-                format!("{method} is not allowed on {path} (GET /metrics, /healthz, /readyz; POST /drain)\n"),
+                format!("{method} is not allowed on {path} ({endpoints})\n"),
             ),
             _ => (
                 404,
                 text,
-                format!("no such endpoint {path:?} (GET /metrics, /healthz, /readyz; POST /drain)\n"),
+                format!("no such endpoint {path:?} ({endpoints})\n"),
             ),
         }
     }
@@ -262,7 +273,7 @@ impl Admin {
     /// Why the node is unhealthy: a shard whose heartbeat has stopped.
     fn unhealthy(&self) -> Option<String> {
         let now = Instant::now();
-        let mut seen = self.beats_seen.borrow_mut();
+        let mut seen = self.beats_seen.lock().unwrap_or_else(|e| e.into_inner());
         for (i, p) in self.pulses.iter().enumerate() {
             let beats = p.beats.load(Ordering::Relaxed);
             if beats != seen[i].0 {
@@ -277,39 +288,34 @@ impl Admin {
         None
     }
 
-    /// Asks every shard for its snapshot and encodes the answers. One scrape at a time, so
-    /// each shard has at most one request outstanding.
-    async fn scrape(&self) -> String {
-        let _one = self.scraping.acquire_permit(1).await;
-        let seq = self.seq.get() + 1;
-        self.seq.set(seq);
-        let mut asked = Vec::new();
-        for (i, tx) in self.requests.iter().enumerate() {
-            // A shard that has not taken the previous request is stuck: do not queue more.
-            if tx.try_send(seq).is_ok() {
-                asked.push(i);
-            }
+    /// Asks every shard for its snapshot and encodes the answers.
+    fn scrape(&self) -> String {
+        let mut guard = self.scraping.lock().unwrap_or_else(|e| e.into_inner());
+        guard.0 += 1;
+        let (seq, links) = (guard.0, &guard.1);
+        for l in links {
+            l.requested.store(seq, Ordering::Release);
         }
         let deadline = Instant::now() + Duration::from_millis(SCRAPE_TIMEOUT_MS);
-        let mut snaps = Vec::new();
-        let mut unanswered = (self.requests.len() - asked.len()) as u64;
-        for i in asked {
+        let mut snaps = Vec::with_capacity(links.len());
+        let mut unanswered = 0;
+        for l in links {
             loop {
                 let left = deadline.saturating_duration_since(Instant::now());
-                let rx = &self.replies[i];
-                match glommio::timer::timeout(left, async { Ok(rx.recv().await) }).await {
-                    Ok(Some(s)) if s.seq == seq => {
+                match l.replies.recv_timeout(left) {
+                    Ok(s) if s.seq == seq => {
                         snaps.push(*s);
                         break;
                     }
-                    Ok(Some(_stale)) => continue, // An answer to a scrape that timed out.
-                    _ => {
+                    Ok(_stale) => continue, // An answer to a scrape that timed out.
+                    Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => {
                         unanswered += 1;
                         break;
                     }
                 }
             }
         }
+        drop(guard);
         let facts = NodeFacts {
             stalls: self
                 .pulses
@@ -325,24 +331,41 @@ impl Admin {
     }
 }
 
+enum HeadError {
+    TimedOut,
+    Bad(String),
+}
+
 /// Reads until the end of the request head; refuses heads over the limit.
-async fn read_head(stream: &mut TcpStream) -> Result<Vec<u8>, String> {
+fn read_head(stream: &mut TcpStream) -> Result<Vec<u8>, HeadError> {
     let mut buf = Vec::with_capacity(512);
     let mut chunk = [0u8; 1024];
     loop {
-        let n = stream
-            .read(&mut chunk)
-            .await
-            .map_err(|e| format!("read failed: {e}"))?;
+        let n = match stream.read(&mut chunk) {
+            Ok(n) => n,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                return Err(HeadError::TimedOut)
+            }
+            Err(e) => return Err(HeadError::Bad(format!("read failed: {e}"))),
+        };
         if n == 0 {
-            return Err("connection closed before the end of the request head".into());
+            return Err(HeadError::Bad(
+                "connection closed before the end of the request head".into(),
+            ));
         }
         buf.extend_from_slice(&chunk[..n]);
         if buf.windows(4).any(|w| w == b"\r\n\r\n") {
             return Ok(buf);
         }
         if buf.len() > REQUEST_HEAD_BYTES_MAX {
-            return Err(format!("request head over {REQUEST_HEAD_BYTES_MAX} bytes"));
+            return Err(HeadError::Bad(format!(
+                "request head over {REQUEST_HEAD_BYTES_MAX} bytes"
+            )));
         }
     }
 }

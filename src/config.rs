@@ -151,6 +151,19 @@ pub struct LimitsSection {
     /// Store writes waiting for the next group commit, per shard, before every connection of
     /// the shard stops reading (back-pressure).
     pub pending_ops_max: usize,
+    /// A connection whose queued output has not moved at all for this long (the client stopped
+    /// reading) gets ERROR(slow_consumer) and is closed, ms; what it was sent stays queued.
+    pub write_stall_timeout_ms: u64,
+    /// Outbound bytes queued over all connections of one shard before every connection of the
+    /// shard stops reading (back-pressure): the memory budget for in-flight data.
+    pub shard_outbound_bytes_max: usize,
+    /// New connections per second accepted from one source address, node-wide (split evenly
+    /// over the shards); past it, ERROR(rate_limited) and a close. 0 turns the limit off.
+    pub connect_rate_per_source: u32,
+    /// SENDs per second one connection may make (bursts of twice that); past it,
+    /// ERROR(rate_limited) for each refused SEND, and a close after
+    /// `limits::SEND_REFUSALS_MAX` refusals in a row. 0 turns the limit off.
+    pub send_rate_per_s: u32,
 }
 
 impl Default for LimitsSection {
@@ -163,6 +176,10 @@ impl Default for LimitsSection {
             outbound_bytes_max: limits::OUTBOUND_BYTES_MAX_DEFAULT,
             queue_messages_max: limits::QUEUE_MESSAGES_MAX_DEFAULT,
             pending_ops_max: limits::PENDING_OPS_HIGH_WATER,
+            shard_outbound_bytes_max: limits::SHARD_OUTBOUND_BYTES_MAX_DEFAULT,
+            write_stall_timeout_ms: limits::WRITE_STALL_TIMEOUT_MS_DEFAULT,
+            connect_rate_per_source: limits::CONNECT_RATE_PER_SOURCE_DEFAULT,
+            send_rate_per_s: limits::SEND_RATE_PER_S_DEFAULT,
         }
     }
 }
@@ -487,6 +504,15 @@ impl Config {
                 "limits.outbound_bytes_max",
                 "must be at least 2 × limits.max_frame_bytes",
             ));
+        }
+        if l.shard_outbound_bytes_max < l.outbound_bytes_max {
+            return Err(invalid(
+                "limits.shard_outbound_bytes_max",
+                "must be at least limits.outbound_bytes_max",
+            ));
+        }
+        if l.write_stall_timeout_ms == 0 {
+            return Err(invalid("limits.write_stall_timeout_ms", "must be > 0"));
         }
         if l.pending_ops_max == 0 {
             return Err(invalid("limits.pending_ops_max", "must be > 0"));

@@ -191,6 +191,19 @@ fn read_nics() -> Vec<Nic> {
             .file_name()
             .map(|d| d.to_string_lossy().into_owned())
             .unwrap_or_default();
+        // The device's MSI vectors name its IRQs exactly (mlx5, i40e, virtio alike); without
+        // them, match the interface or device name in /proc/interrupts.
+        // (virtio NICs keep them on the parent PCI function.)
+        let msi: Vec<u32> = ["device/msi_irqs", "device/../msi_irqs"]
+            .iter()
+            .flat_map(|p| {
+                std::fs::read_dir(e.path().join(p))
+                    .into_iter()
+                    .flatten()
+                    .flatten()
+            })
+            .filter_map(|m| m.file_name().to_str()?.parse().ok())
+            .collect();
         let mut irqs = Vec::new();
         for line in interrupts.lines() {
             let Some((irq, rest)) = line.trim_start().split_once(':') else {
@@ -200,7 +213,8 @@ fn read_nics() -> Vec<Nic> {
                 continue;
             };
             let label = rest.split_whitespace().last().unwrap_or("");
-            let mine = label.starts_with(&format!("{name}-"))
+            let mine = msi.contains(&irq)
+                || label.starts_with(&format!("{name}-"))
                 || label == name
                 || (!dev.is_empty()
                     && (label.starts_with(&format!("{dev}-input"))

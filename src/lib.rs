@@ -22,6 +22,7 @@ pub mod ids;
 pub mod limits;
 pub mod metrics;
 pub mod proto;
+pub mod ratelimit;
 pub mod runtime;
 pub mod server;
 pub mod session;

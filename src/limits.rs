@@ -73,6 +73,7 @@ const _: () = assert!(TOKEN_BYTES_MAX + 1 + 8 + 4 + 2 < FRAME_BYTES_MAX_FLOOR);
 const _: () = assert!(DELIVERY_WINDOW_DEFAULT <= DELIVERY_WINDOW_MAX);
 const _: () = assert!(BATCH_ENVELOPES_MAX <= OUTBOX_ENVELOPES_HIGH_WATER);
 const _: () = assert!(COMMIT_OPS_MAX <= PENDING_OPS_HIGH_WATER);
+const _: () = assert!(SHARD_OUTBOUND_BYTES_MAX_DEFAULT >= OUTBOUND_BYTES_MAX_DEFAULT);
 
 /// SENDs one connection may have awaiting their SEND_ACK before the server stops reading
 /// from it (bounds the acknowledgements queued for one client).
@@ -81,5 +82,23 @@ pub const SENDS_IN_FLIGHT_MAX: u32 = 1024;
 pub const CLOSE_GRACE_MS: u64 = 5_000;
 /// Time a stopping shard waits for pending store writes before giving up, in ms.
 pub const SHUTDOWN_FLUSH_MS: u64 = 10_000;
+/// Default time queued output may sit without any byte written before the connection is
+/// closed as a slow consumer, ms.
+pub const WRITE_STALL_TIMEOUT_MS_DEFAULT: u64 = 30_000;
+/// Default memory budget for outbound data queued on one shard (all its connections).
+pub const SHARD_OUTBOUND_BYTES_MAX_DEFAULT: usize = 256 << 20;
+/// Default new connections per second per source address (node-wide). Generous, because many
+/// users can share one address behind carrier NAT; it stops one host's reconnect loop or
+/// flood, not a crowd.
+pub const CONNECT_RATE_PER_SOURCE_DEFAULT: u32 = 2_000;
+/// Source addresses whose connection rate one shard tracks at most; past it, new addresses are
+/// not limited until the sweeper forgets quiet ones (fail open, counted).
+pub const SOURCES_TRACKED_MAX: usize = 65_536;
+/// Default SENDs per second per connection (bursts of twice that).
+pub const SEND_RATE_PER_S_DEFAULT: u32 = 1_000;
+/// Refused SENDs in a row after which a connection that keeps sending is closed.
+pub const SEND_REFUSALS_MAX: u32 = 64;
+/// With `runtime.heartbeat_ms = 0`: how often a shard polls its admin control mailbox, ms.
+pub const CONTROL_POLL_MS: u64 = 10;
 /// Drain: GO_AWAY frames go out in batches this often, ms.
 pub const DRAIN_TICK_MS: u64 = 10;

@@ -304,6 +304,9 @@ fn run(cfg: &ConfigArgs, o: RunOverrides) -> anyhow::Result<()> {
         strict,
     } = o;
     let mut config = load(cfg)?;
+    // What SIGHUP compares a re-read against: file and environment, before the flags (which
+    // a reload cannot see, so they must not count as changes).
+    let loaded = config.clone();
     if let Some(a) = admin_listen {
         config.admin.listen = a;
     }
@@ -371,7 +374,7 @@ fn run(cfg: &ConfigArgs, o: RunOverrides) -> anyhow::Result<()> {
             Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
         }
         if hup.swap(false, Ordering::Relaxed) {
-            reload(cfg, &config, &log);
+            reload(cfg, &loaded, &log);
         }
         if hard_deadline.is_none() && stop.load(Ordering::Relaxed) {
             let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);

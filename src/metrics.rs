@@ -40,11 +40,13 @@ pub enum CloseReason {
     Shutdown,
     /// The server could not serve it (store read failure).
     Internal,
+    /// Over a rate limit: kept sending past the SEND limit.
+    RateLimited,
 }
 
 impl CloseReason {
     /// Every reason, in counter order.
-    pub const ALL: [CloseReason; 10] = [
+    pub const ALL: [CloseReason; 11] = [
         CloseReason::Peer,
         CloseReason::Io,
         CloseReason::Protocol,
@@ -55,6 +57,7 @@ impl CloseReason {
         CloseReason::Replaced,
         CloseReason::Shutdown,
         CloseReason::Internal,
+        CloseReason::RateLimited,
     ];
 
     /// Label value.
@@ -70,6 +73,7 @@ impl CloseReason {
             CloseReason::Replaced => "replaced",
             CloseReason::Shutdown => "shutdown",
             CloseReason::Internal => "internal",
+            CloseReason::RateLimited => "rate_limited",
         }
     }
 }
@@ -138,13 +142,55 @@ pub struct ShardSnapshot {
     pub backpressure_pauses: u64,
     /// Connections closed as slow consumers.
     pub slow_consumers: u64,
-    /// Group commit latency, µs.
-    pub commit_us: Histogram<u64>,
-    /// Ops per group commit.
-    pub commit_ops: Histogram<u64>,
-    /// Server-side send→deliver latency of live deliveries, µs (1 ms resolution: from the
-    /// message's server timestamp to the write to the recipient's connection).
-    pub deliver_us: Histogram<u64>,
+    /// New connections refused by the per-source connection rate limit.
+    pub conns_rate_limited: u64,
+    /// SENDs refused by the per-connection rate limit.
+    pub sends_rate_limited: u64,
+    /// New source addresses not rate-limited because the shard's table was full.
+    pub sources_untracked: u64,
+    /// Outbound bytes queued on the shard's connections now (the memory budget's gauge).
+    pub outbound_bytes_queued: u64,
+    /// Group commit latency, µs, at [`LATENCY_BOUNDS_US`].
+    pub commit_us: Buckets,
+    /// Ops per group commit, at [`BATCH_BOUNDS`].
+    pub commit_ops: Buckets,
+    /// Server-side send→deliver latency of live deliveries, µs, at [`LATENCY_BOUNDS_US`]
+    /// (1 ms resolution: from the message's server timestamp to the write to the recipient's
+    /// connection).
+    pub deliver_us: Buckets,
+}
+
+/// A histogram reduced to fixed bucket bounds on the shard, so that a scrape moves a few
+/// hundred bytes instead of whole hdrhistograms.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Buckets {
+    /// Per-bucket (not cumulative) counts: one per bound, then the overflow bucket.
+    pub counts: Vec<u64>,
+    /// Sum of the recorded values (each taken at its hdrhistogram bucket's middle).
+    pub sum: f64,
+    /// Values recorded.
+    pub count: u64,
+}
+
+impl Buckets {
+    /// Reduces `h` to `bounds` (ascending) in one pass over its non-empty buckets.
+    pub fn from_histogram(h: &Histogram<u64>, bounds: &[u64]) -> Buckets {
+        let mut counts = vec![0u64; bounds.len() + 1];
+        let mut sum = 0.0;
+        // (An empty histogram's iterator would still walk every bucket.)
+        for v in h.iter_recorded().take_while(|_| !h.is_empty()) {
+            let value = v.value_iterated_to();
+            let n = v.count_at_value();
+            let i = bounds.partition_point(|&b| b < value);
+            counts[i] += n;
+            sum += h.median_equivalent(value) as f64 * n as f64;
+        }
+        Buckets {
+            counts,
+            sum,
+            count: h.len(),
+        }
+    }
 }
 
 /// Facts about the node the admin endpoint adds to the shards' reports.
@@ -202,20 +248,16 @@ fn gauge(
     Ok(())
 }
 
-/// Per-bucket (not cumulative) counts of `h` at `bounds`, and the sum, in units of `per`
-/// (1e6 turns µs into seconds). The last bucket's bound is `f64::MAX`, which the encoder
-/// writes as `+Inf`.
-fn buckets(h: &Histogram<u64>, bounds: &[u64], per: f64) -> (f64, u64, Vec<(f64, u64)>) {
-    let mut out = Vec::with_capacity(bounds.len() + 1);
-    let mut below = 0u64;
-    for &b in bounds {
-        let upto = h.count_between(0, b);
-        out.push((b as f64 / per, upto - below));
-        below = upto;
-    }
-    out.push((f64::MAX, h.len() - below));
-    let sum = h.mean() * h.len() as f64 / per;
-    (sum, h.len(), out)
+/// `b`'s buckets with their bounds in units of `per` (1e6 turns µs into seconds), and the
+/// sum. The last bucket's bound is `f64::MAX`, which the encoder writes as `+Inf`.
+fn buckets(b: &Buckets, bounds: &[u64], per: f64) -> (f64, u64, Vec<(f64, u64)>) {
+    let out = bounds
+        .iter()
+        .map(|&x| x as f64 / per)
+        .chain(std::iter::once(f64::MAX))
+        .zip(b.counts.iter().copied().chain(std::iter::repeat(0)))
+        .collect();
+    (b.sum / per, b.count, out)
 }
 
 fn histogram(
@@ -225,7 +267,7 @@ fn histogram(
     shards: Fam,
     bounds: &[u64],
     per: f64,
-    f: impl Fn(&ShardSnapshot) -> &Histogram<u64>,
+    f: impl Fn(&ShardSnapshot) -> &Buckets,
 ) -> std::fmt::Result {
     let mut m = enc.encode_descriptor(name, help, None, MetricType::Histogram)?;
     for (id, s) in shards {
@@ -424,6 +466,34 @@ impl prometheus_client::collector::Collector for Snapshots {
             f,
             |s| s.slow_consumers,
         )?;
+        counter(
+            e,
+            "connections_rate_limited",
+            "New connections refused by the per-source rate limit",
+            f,
+            |s| s.conns_rate_limited,
+        )?;
+        counter(
+            e,
+            "sends_rate_limited",
+            "SENDs refused by the per-connection rate limit",
+            f,
+            |s| s.sends_rate_limited,
+        )?;
+        counter(
+            e,
+            "sources_untracked",
+            "New source addresses not rate-limited because the table was full",
+            f,
+            |s| s.sources_untracked,
+        )?;
+        gauge(
+            e,
+            "outbound_bytes_queued",
+            "Outbound bytes queued on the shard's connections (limits.shard_outbound_bytes_max)",
+            f,
+            |s| s.outbound_bytes_queued,
+        )?;
         histogram(
             e,
             "store_commit_seconds",
@@ -532,9 +602,13 @@ mod tests {
             channel_full: 0,
             backpressure_pauses: 0,
             slow_consumers: 0,
-            commit_us: latency_histogram(),
-            commit_ops: latency_histogram(),
-            deliver_us: latency_histogram(),
+            conns_rate_limited: 0,
+            sends_rate_limited: 0,
+            sources_untracked: 0,
+            outbound_bytes_queued: 0,
+            commit_us: Buckets::default(),
+            commit_ops: Buckets::default(),
+            deliver_us: Buckets::default(),
         }
     }
 
@@ -543,8 +617,18 @@ mod tests {
         let mut a = snap(0);
         a.conns_closed[CloseReason::Idle as usize] = 4;
         a.errors_sent[6] = 2;
-        a.commit_us.record(700).unwrap();
-        a.commit_us.record(3_000).unwrap();
+        let mut h = latency_histogram();
+        h.record(700).unwrap();
+        h.record(3_000).unwrap();
+        h.record(20_000_000).unwrap();
+        a.commit_us = Buckets::from_histogram(&h, &LATENCY_BOUNDS_US);
+        assert_eq!(a.commit_us.counts.iter().sum::<u64>(), 3);
+        assert_eq!(
+            a.commit_us.counts[LATENCY_BOUNDS_US.len()],
+            1,
+            "overflow bucket"
+        );
+        assert!((a.commit_us.sum - 20_003_700.0).abs() < 20_003_700.0 * 0.01);
         let text = encode(
             &[a, snap(1)],
             &NodeFacts {
@@ -559,10 +643,10 @@ mod tests {
         );
         assert!(text.contains("gatehouse_connections_closed_total{shard=\"0\",reason=\"idle\"} 4"));
         assert!(text.contains("gatehouse_errors_sent_total{shard=\"0\",code=\"6\"} 2"));
-        assert!(text.contains("gatehouse_store_commit_seconds_count{shard=\"0\"} 2"));
+        assert!(text.contains("gatehouse_store_commit_seconds_count{shard=\"0\"} 3"));
         assert!(text.contains("gatehouse_store_commit_seconds_bucket{le=\"0.001\",shard=\"0\"} 1"));
         assert!(
-            text.contains("gatehouse_store_commit_seconds_bucket{le=\"+Inf\",shard=\"0\"} 2"),
+            text.contains("gatehouse_store_commit_seconds_bucket{le=\"+Inf\",shard=\"0\"} 3"),
             "{text}"
         );
         assert!(text.contains("gatehouse_shard_stalls_total{shard=\"1\"} 1"));

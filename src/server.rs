@@ -12,12 +12,12 @@ use anyhow::{bail, Context as _};
 use glommio::channels::shared_channel::{self, SharedReceiver, SharedSender};
 use glommio::{LocalExecutorBuilder, Placement, PoolPlacement};
 
-use crate::admin::{self, AdminChannels, NodeState};
+use crate::admin::{self, NodeState, ShardControl};
 use crate::config::Config;
 use crate::ids::ShardId;
 use crate::limits;
 use crate::runtime::listener::bind_reuseport;
-use crate::runtime::shard::{Batch, Control, Shard, ShardConfig, ShardSeed};
+use crate::runtime::shard::{Batch, Shard, ShardConfig, ShardSeed};
 use crate::runtime::watchdog::{self, Nudge, Pulse};
 use crate::session::SessionParams;
 use crate::store::{QueueLimits, Store};
@@ -29,10 +29,13 @@ pub struct ServerHandle {
     /// Address of the admin endpoint, when enabled.
     pub admin_addr: Option<SocketAddr>,
     state: Arc<NodeState>,
-    admin: Option<glommio::ExecutorJoinHandle<()>>,
+    admin: Option<std::thread::JoinHandle<()>>,
     stop: Arc<AtomicBool>,
     shards: Vec<glommio::ExecutorJoinHandle<()>>,
     watchdog: Option<std::thread::JoinHandle<()>>,
+    /// Stops the watchdog: only once the shards have exited, so that heartbeats (and with
+    /// them `/healthz`, scrapes and the stall defence) keep running through a drain.
+    watchdog_stop: Arc<AtomicBool>,
     pulses: Vec<Arc<Pulse>>,
 }
 
@@ -67,13 +70,14 @@ impl ServerHandle {
             }
         }
         self.stop.store(true, Ordering::Relaxed);
+        self.watchdog_stop.store(true, Ordering::Relaxed);
         if let Some(w) = self.watchdog.take() {
             let _ = w.join();
         }
         self.state.exited.store(true, Ordering::Relaxed);
         if let Some(a) = self.admin.take() {
-            if let Err(e) = a.join() {
-                failed.push(format!("admin: {e}"));
+            if a.join().is_err() {
+                failed.push("admin thread panicked".to_string());
             }
         }
         if !failed.is_empty() {
@@ -86,6 +90,7 @@ impl ServerHandle {
 impl Drop for ServerHandle {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
+        self.watchdog_stop.store(true, Ordering::Relaxed);
         self.state.exited.store(true, Ordering::Relaxed);
     }
 }
@@ -151,6 +156,13 @@ pub fn start(config: Config) -> anyhow::Result<ServerHandle> {
         sync_interval_ms: config.store.sync_interval_ms,
         heartbeat_ms: config.runtime.heartbeat_ms,
         drain_goaway_per_s: (config.server.drain_goaway_per_s / shards as u64).max(1),
+        shard_outbound_bytes_max: config.limits.shard_outbound_bytes_max,
+        write_stall_timeout_ms: config.limits.write_stall_timeout_ms,
+        connect_rate_per_source: match config.limits.connect_rate_per_source {
+            0 => 0,
+            r => (r / shards as u32).max(1),
+        },
+        send_rate_per_s: config.limits.send_rate_per_s,
         drain_deadline_ms: config.server.drain_deadline_ms,
         test_drop_delivery_every: test_drop_delivery_every(),
     };
@@ -186,27 +198,18 @@ pub fn start(config: Config) -> anyhow::Result<ServerHandle> {
     }
 
     // The admin endpoint: bound now so that a taken port fails the start at once; each shard
-    // gets a request channel from it and a reply channel to it (room for stale replies of a
-    // scrape that timed out, see `Shard::control`).
+    // gets a control mailbox it polls on its heartbeat (see `Shard::poll_control`).
     let mut admin_listener = None;
-    let mut controls: Vec<Option<Control>> = (0..shards).map(|_| None).collect();
-    let mut admin_channels = AdminChannels {
-        requests: Vec::new(),
-        replies: Vec::new(),
-    };
+    let mut controls: Vec<Option<ShardControl>> = (0..shards).map(|_| None).collect();
+    let mut links = Vec::new();
     if config.admin.enabled {
         let (l, addr) = admin::bind(config.admin.listen)
             .with_context(|| format!("binding the admin endpoint {}", config.admin.listen))?;
         admin_listener = Some((l, addr));
         for c in controls.iter_mut() {
-            let (req_tx, req_rx) = shared_channel::new_bounded(1);
-            let (rep_tx, rep_rx) = shared_channel::new_bounded(8);
-            admin_channels.requests.push(req_tx);
-            admin_channels.replies.push(rep_rx);
-            *c = Some(Control {
-                requests: req_rx,
-                replies: rep_tx,
-            });
+            let (link, control) = admin::control_pair();
+            links.push(link);
+            *c = Some(control);
         }
     }
     let stop = Arc::new(AtomicBool::new(false));
@@ -274,22 +277,18 @@ pub fn start(config: Config) -> anyhow::Result<ServerHandle> {
             }
         }
     }
+    let watchdog_stop = Arc::new(AtomicBool::new(false));
     let watchdog = watchdog::spawn(
         pulses.clone(),
         nudges,
         config.runtime.heartbeat_ms,
         config.runtime.stall_threshold_ms,
-        stop.clone(),
+        watchdog_stop.clone(),
     );
     let (admin, admin_addr) = match admin_listener {
         Some((l, addr)) => {
-            let h = admin::spawn(
-                l,
-                admin_channels,
-                state.clone(),
-                pulses.clone(),
-                config.runtime.io_memory_kib * 1024,
-            )?;
+            let h = admin::spawn(l, links, state.clone(), pulses.clone())
+                .context("starting the admin thread")?;
             (Some(h), Some(addr))
         }
         None => (None, None),
@@ -304,6 +303,7 @@ pub fn start(config: Config) -> anyhow::Result<ServerHandle> {
         stop,
         shards: handles,
         watchdog: Some(watchdog),
+        watchdog_stop,
         pulses,
     })
 }

@@ -3,13 +3,13 @@
 //! same data directory, and receive what was queued. Also `check-config` on bad input.
 
 use std::path::Path;
-use std::process::{Child, Command, Output};
+use std::process::{Command, Output};
 
 mod common;
 
 const BIN: &str = env!("CARGO_BIN_EXE_gatehouse");
 
-fn run_gateway(data: &Path) -> (Child, String) {
+fn run_gateway(data: &Path) -> (common::Gateway, String) {
     let (child, addr) = common::spawn_and_read_addr(
         Command::new(BIN)
             .args([

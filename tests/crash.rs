@@ -14,12 +14,12 @@ use gatehouse::ids::{DeviceId, UserId};
 use gatehouse::proto::ServerFrame;
 
 /// Starts `gatehouse run` on `dir` and returns the child and its address.
-fn spawn_gateway(dir: &Path) -> (Child, SocketAddr) {
+fn spawn_gateway(dir: &Path) -> (common::Gateway, SocketAddr) {
     let cfg = dir.join("gatehouse.toml");
     std::fs::write(
         &cfg,
         format!(
-            "[server]\nlisten = \"127.0.0.1:0\"\nshards = 2\n[store]\ndata_dir = {:?}\nmap_size_mib = 256\nsync = \"batch\"\n[auth]\nkey_hex = \"{KEY_HEX}\"\n",
+            "[server]\nlisten = \"127.0.0.1:0\"\nshards = 2\n[store]\ndata_dir = {:?}\nmap_size_mib = 256\nsync = \"batch\"\n[limits]\nsend_rate_per_s = 0\n[auth]\nkey_hex = \"{KEY_HEX}\"\n",
             dir.join("data")
         ),
     )

@@ -3,13 +3,12 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{SocketAddr, TcpStream};
-use std::path::Path;
-use std::process::{Child, Command, Output, Stdio};
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
-use common::{expect_deliver, expect_send_ack, login, KEY_HEX};
+use common::{expect_deliver, expect_send_ack, http, login, metric, node_config, spawn_node};
 use gatehouse::ids::UserId;
 use gatehouse::proto::{GoAwayReason, ServerFrame};
 
@@ -30,35 +29,6 @@ fn text(o: &Output) -> String {
         String::from_utf8_lossy(&o.stdout),
         String::from_utf8_lossy(&o.stderr)
     )
-}
-
-/// `GET`/`POST` over a plain socket; returns (status, body).
-fn http(addr: SocketAddr, method: &str, path: &str) -> (u16, String) {
-    let mut s = TcpStream::connect(addr).expect("connect admin");
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    write!(s, "{method} {path} HTTP/1.1\r\nHost: test\r\n\r\n").unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).unwrap();
-    let status = out
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or_else(|| panic!("no status line in {out:?}"));
-    let body = out.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
-    (status, body.to_string())
-}
-
-/// Sum of every series of `name` (all shards) whose labels contain `label` (may be "").
-fn metric(body: &str, name: &str, label: &str) -> f64 {
-    body.lines()
-        .filter(|l| !l.starts_with('#'))
-        .filter(|l| {
-            l.strip_prefix(name)
-                .is_some_and(|rest| rest.starts_with('{') || rest.starts_with(' '))
-        })
-        .filter(|l| l.contains(label))
-        .map(|l| l.rsplit(' ').next().unwrap().parse::<f64>().unwrap())
-        .sum()
 }
 
 #[test]
@@ -331,51 +301,6 @@ fn admin_endpoint_serves_metrics_health_and_readiness_under_load() {
     server.shutdown().unwrap();
 }
 
-/// Starts the binary with `config` text; returns the child, its address and admin address.
-/// Stderr goes to `log`.
-fn spawn_node(config: &Path, log: &Path) -> (Child, SocketAddr, SocketAddr) {
-    for _ in 0..2 {
-        let mut child = Command::new(BIN)
-            .args(["run", "--config"])
-            .arg(config)
-            .env_remove("GATEHOUSE_LOG")
-            .stdout(Stdio::piped())
-            .stderr(std::fs::File::create(log).unwrap())
-            .spawn()
-            .unwrap();
-        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-        let first = lines.next().and_then(|l| l.ok()).unwrap_or_default();
-        let second = lines.next().and_then(|l| l.ok()).unwrap_or_default();
-        let last = |l: &str| {
-            l.rsplit(' ')
-                .next()
-                .unwrap_or("")
-                .trim_start_matches("http://")
-                .parse()
-                .ok()
-        };
-        if let (Some(a), Some(b)) = (last(&first), last(&second)) {
-            return (child, a, b);
-        }
-        let _ = child.kill();
-        let _ = child.wait();
-    }
-    panic!("gatehouse did not start twice");
-}
-
-fn node_config(dir: &Path, extra: &str) -> std::path::PathBuf {
-    let cfg = dir.join("g.toml");
-    std::fs::write(
-        &cfg,
-        format!(
-            "[server]\nlisten = \"127.0.0.1:0\"\nshards = 2\n{extra}\n[store]\ndata_dir = {:?}\nmap_size_mib = 64\n[auth]\nkey_hex = \"{KEY_HEX}\"\n[admin]\nlisten = \"127.0.0.1:0\"\n",
-            dir.join("data")
-        ),
-    )
-    .unwrap();
-    cfg
-}
-
 #[test]
 fn sigterm_drains_at_the_paced_rate_and_loses_nothing_acknowledged() {
     let dir = tempfile::tempdir().unwrap();
@@ -414,6 +339,12 @@ fn sigterm_drains_at_the_paced_rate_and_loses_nothing_acknowledged() {
         );
         std::thread::sleep(Duration::from_millis(10));
     }
+    // Scrapes are still answered by every shard during the drain.
+    let (status, body) = http(admin, "GET", "/metrics");
+    assert_eq!(status, 200);
+    assert_eq!(metric(&body, "gatehouse_draining", ""), 1.0, "{body}");
+    assert_eq!(metric(&body, "gatehouse_scrape_shards_unanswered", ""), 0.0);
+    assert_eq!(http(admin, "GET", "/healthz").0, 200);
     // Not accepting any more.
     std::thread::sleep(Duration::from_millis(100));
     assert!(
@@ -511,4 +442,29 @@ fn admin_drain_trigger_and_sighup_reload() {
     });
     assert_eq!(frame, GoAwayReason::Shutdown);
     assert!(child.wait().unwrap().success());
+}
+
+#[test]
+fn json_logs_are_one_object_per_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = node_config(dir.path(), "");
+    std::fs::write(
+        &cfg,
+        std::fs::read_to_string(&cfg).unwrap() + "[log]\nformat = \"json\"\n",
+    )
+    .unwrap();
+    let log = dir.path().join("stderr.log");
+    let (mut child, _, _) = spawn_node(&cfg, &log);
+    // SAFETY: plain kill(2) on our child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    assert!(child.wait().unwrap().success());
+    let text = std::fs::read_to_string(&log).unwrap();
+    let mut lines = 0;
+    for line in text.lines() {
+        let v: serde_json::Value =
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+        assert!(v["level"].is_string() && v["fields"].is_object(), "{line}");
+        lines += 1;
+    }
+    assert!(text.contains("gatehouse serving") && lines >= 2, "{text}");
 }

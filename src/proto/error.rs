@@ -42,6 +42,10 @@ pub enum ErrorCode {
     /// The user belongs to another node of a multi-node deployment: fatal at LOGIN (connect to
     /// the right node), not fatal for a SEND (cross-node routing does not exist yet).
     WrongNode = 17,
+    /// A rate limit was exceeded: too many SENDs on this connection (the SEND was not accepted;
+    /// slow down; fatal once the client keeps sending past the limit), or too many new
+    /// connections from this source address (fatal: the connection is closed at once).
+    RateLimited = 18,
 }
 
 impl ErrorCode {
@@ -66,6 +70,7 @@ impl ErrorCode {
             15 => Internal,
             16 => BodyTooLarge,
             17 => WrongNode,
+            18 => RateLimited,
             _ => return None,
         })
     }
@@ -81,6 +86,7 @@ impl ErrorCode {
                 | ErrorCode::BadRecipient
                 | ErrorCode::BodyTooLarge
                 | ErrorCode::WrongNode
+                | ErrorCode::RateLimited
         )
     }
 
@@ -105,6 +111,7 @@ impl ErrorCode {
             Internal => "internal",
             BodyTooLarge => "body_too_large",
             WrongNode => "wrong_node",
+            RateLimited => "rate_limited",
         }
     }
 }

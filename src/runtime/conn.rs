@@ -25,6 +25,7 @@ use crate::ids::{DeviceId, ServerMsgId, UserId};
 use crate::limits;
 use crate::metrics::CloseReason;
 use crate::proto::{split_frame, ServerFrame};
+use crate::ratelimit::TokenBucket;
 use crate::session::{
     protocol_error, DeliveryWindow, Handshake, InFlight, Phase, SessionParams, Step,
 };
@@ -45,6 +46,8 @@ pub struct IoCounts {
     pub errors_sent: [Cell<u64>; crate::metrics::ERROR_CODES_MAX],
     /// Connections closed as slow consumers.
     pub slow_consumers: Cell<u64>,
+    /// Outbound bytes queued on this shard's connections now.
+    pub out_bytes_queued: Cell<u64>,
 }
 
 thread_local! {
@@ -70,6 +73,10 @@ struct ConnState {
     last_rx_ms: u64,
     window: DeliveryWindow,
     sends_in_flight: u32,
+    send_bucket: TokenBucket,
+    send_refusals: u32,
+    /// When queued output last moved (or began to wait), ms: a write stall's start.
+    out_since_ms: u64,
 }
 
 /// One connection's shard-local state, shared between its I/O task and the shard (which
@@ -94,7 +101,7 @@ pub struct Conn {
 
 impl Conn {
     /// A connection in `hs`'s phase.
-    pub fn new(gen: u32, hs: Handshake, now_ms: u64) -> Conn {
+    pub fn new(gen: u32, hs: Handshake, now_ms: u64, send_burst: u32) -> Conn {
         Conn {
             gen,
             st: RefCell::new(ConnState {
@@ -109,6 +116,9 @@ impl Conn {
                 last_rx_ms: now_ms,
                 window: DeliveryWindow::default(),
                 sends_in_flight: 0,
+                send_bucket: TokenBucket::full(send_burst, now_ms),
+                send_refusals: 0,
+                out_since_ms: now_ms,
             }),
             waker: RefCell::new(None),
             now_ms: Cell::new(now_ms),
@@ -116,6 +126,19 @@ impl Conn {
             parked: Cell::new(false),
             eof: Cell::new(false),
             close_reason: Cell::new(CloseReason::Peer),
+        }
+    }
+
+    /// Charges one SEND to the connection's rate limit: `Ok` when within it, else the number
+    /// of SENDs refused in a row (this one included).
+    pub fn charge_send(&self, now_ms: u64, rate_per_s: u32, burst: u32) -> Result<(), u32> {
+        let mut st = self.st.borrow_mut();
+        if st.send_bucket.take(now_ms, rate_per_s, burst) {
+            st.send_refusals = 0;
+            Ok(())
+        } else {
+            st.send_refusals += 1;
+            Err(st.send_refusals)
         }
     }
 
@@ -150,7 +173,11 @@ impl Conn {
         if st.aborted {
             return;
         }
+        if st.out_bytes == 0 {
+            st.out_since_ms = self.now_ms.get();
+        }
         st.out_bytes += b.len();
+        IO_COUNTS.with(|c| bump(&c.out_bytes_queued, b.len() as u64));
         st.out.push_back(b);
         drop(st);
         self.wake();
@@ -185,6 +212,17 @@ impl Conn {
     pub fn abort(&self) {
         self.st.borrow_mut().aborted = true;
         self.wake();
+    }
+
+    /// How long queued output has waited without any of it being written, ms (0 if none is
+    /// queued).
+    pub fn write_stalled_ms(&self, now_ms: u64) -> u64 {
+        let st = self.st.borrow();
+        if st.out_bytes == 0 {
+            0
+        } else {
+            now_ms.saturating_sub(st.out_since_ms)
+        }
     }
 
     /// Whether the connection is moving to its owner shard (its end here is not a close).
@@ -284,6 +322,7 @@ impl Conn {
 
     fn advance(st: &mut ConnState, mut n: usize) {
         st.out_bytes -= n;
+        IO_COUNTS.with(|c| c.out_bytes_queued.set(c.out_bytes_queued.get() - n as u64));
         while n > 0 {
             let front_left = st.out[0].len() - st.out_offset;
             if n >= front_left {
@@ -339,6 +378,9 @@ impl Conn {
             };
             if n >= 0 {
                 IO_COUNTS.with(|c| bump(&c.bytes_out, n as u64));
+                if n > 0 {
+                    st.out_since_ms = super::now_ms();
+                }
                 Self::advance(&mut st, n as usize);
                 continue;
             }
@@ -361,6 +403,16 @@ impl Conn {
             }
         }
         Ok(())
+    }
+}
+
+impl Drop for Conn {
+    fn drop(&mut self) {
+        // Bytes never written (the connection ended with output queued) leave the gauge.
+        let left = self.st.get_mut().out_bytes as u64;
+        if left > 0 {
+            IO_COUNTS.with(|c| c.out_bytes_queued.set(c.out_bytes_queued.get() - left));
+        }
     }
 }
 
@@ -452,6 +504,8 @@ fn poll_conn(
         if had_output && conn.out_bytes() == 0 {
             // Deliveries may have stopped for lack of outbound room; feed it again.
             shard.resume_delivery(conn);
+            // The shard's outbound budget may have room again for parked readers.
+            shard.wake_paused();
         }
         {
             let st = conn.st.borrow();
@@ -459,9 +513,10 @@ fn poll_conn(
                 return Poll::Ready(Exit::Closed);
             }
             if st.out.is_empty() {
-                // After the client's EOF, wait for the answers to its pipelined SENDs too
-                // (bounded by the close grace period of the sweeper).
-                let owed = conn.eof.get() && st.sends_in_flight > 0;
+                // Before closing (EOF, a fatal error, GO_AWAY), wait for the answers to the
+                // SENDs already accepted: they are being stored, and a client that gets their
+                // SEND_ACKs need not resend them (bounded by the sweeper's close grace period).
+                let owed = st.sends_in_flight > 0;
                 if st.closing_since_ms.is_some() && !owed {
                     return Poll::Ready(Exit::Closed);
                 }

@@ -42,16 +42,18 @@ use smallvec::SmallVec;
 use super::conn::{self, Conn};
 use super::watchdog::Pulse;
 use super::{blocking, now_ms};
+use crate::admin::ShardControl;
 use crate::config::SyncPolicy;
 use crate::ids::{
     owner_node, owner_shard, DeviceId, ServerMsgId, ShardId, UserId, MSG_ID_COUNTER_BITS,
 };
 use crate::limits;
-use crate::metrics::{CloseReason, ShardSnapshot};
+use crate::metrics::{Buckets, CloseReason, ShardSnapshot, BATCH_BOUNDS, LATENCY_BOUNDS_US};
 use crate::proto::{
     body_bytes_max, deliver_header, ErrorCode, GoAwayReason, ReceiptKind, ServerFrame,
     DELIVER_HEADER_BYTES,
 };
+use crate::ratelimit::TokenBucket;
 use crate::session::{Command, Handshake, InFlight, Phase, SessionParams, Step};
 use crate::store::{Item, Op, OpOutcome, QueueLimits, Store, StoreError};
 
@@ -146,6 +148,14 @@ pub struct ShardConfig {
     pub sync_interval_ms: u64,
     /// Heartbeat period, ms (0 = off).
     pub heartbeat_ms: u64,
+    /// A connection whose queued output has not moved for this long is closed, ms.
+    pub write_stall_timeout_ms: u64,
+    /// Outbound bytes queued over all connections before reading stops (back-pressure).
+    pub shard_outbound_bytes_max: usize,
+    /// New connections per second this shard accepts from one source address (0: no limit).
+    pub connect_rate_per_source: u32,
+    /// SENDs per second per connection (0: no limit); bursts of twice that.
+    pub send_rate_per_s: u32,
     /// Drain: GO_AWAY frames this shard sends per second.
     pub drain_goaway_per_s: u64,
     /// Drain: the shard finishes this long after it sees the stop flag, ms.
@@ -210,6 +220,12 @@ pub struct ShardStats {
     pub channel_full: Cell<u64>,
     /// Episodes in which the shard stopped reading client input (back-pressure).
     pub backpressure_pauses: Cell<u64>,
+    /// New connections refused by the per-source rate limit.
+    pub conns_rate_limited: Cell<u64>,
+    /// SENDs refused by the per-connection rate limit.
+    pub sends_rate_limited: Cell<u64>,
+    /// New sources let through untracked because the table was full.
+    pub sources_untracked: Cell<u64>,
 }
 
 fn bump(c: &Cell<u64>, n: u64) {
@@ -230,15 +246,6 @@ struct Queues {
     cross: TaskQueueHandle,
     store: TaskQueueHandle,
     housekeeping: TaskQueueHandle,
-}
-
-/// A shard's end of the admin endpoint's channels: scrape requests (a sequence number) in,
-/// snapshots out.
-pub struct Control {
-    /// Scrape requests from the admin executor.
-    pub requests: SharedReceiver<u64>,
-    /// Snapshots back to it.
-    pub replies: SharedSender<Box<ShardSnapshot>>,
 }
 
 /// Everything a shard thread needs to start; `Send`, built by [`crate::server`].
@@ -263,9 +270,9 @@ pub struct ShardSeed {
     pub cfg: ShardConfig,
     /// Every shard's pulse (own at `id`).
     pub pulses: Vec<Arc<Pulse>>,
-    /// The admin endpoint's control channels (metrics requests in, snapshots out), if the
+    /// The admin endpoint's control mailbox (metrics requests in, snapshots out), if the
     /// endpoint is enabled.
-    pub control: Option<Control>,
+    pub control: Option<ShardControl>,
     /// Set to stop the node.
     pub stop: Arc<AtomicBool>,
     /// Woken by the watchdog thread every heartbeat period.
@@ -304,7 +311,11 @@ pub struct Shard {
     pub commit_ops: RefCell<Histogram<u64>>,
     /// Server-side send→deliver latency of live deliveries, µs (1 ms resolution).
     pub deliver_us: RefCell<Histogram<u64>>,
+    /// Per-source connection rate buckets (bounded by `limits::SOURCES_TRACKED_MAX`).
+    sources: RefCell<HashMap<std::net::IpAddr, TokenBucket>>,
     pulses: Vec<Arc<Pulse>>,
+    control: Option<ShardControl>,
+    control_answered: Cell<u64>,
     stop: Arc<AtomicBool>,
     dirty: Cell<bool>,
     committing: Cell<bool>,
@@ -375,6 +386,9 @@ impl Shard {
             commit_ops: RefCell::new(hist()),
             deliver_us: RefCell::new(hist()),
             pulses: seed.pulses,
+            sources: RefCell::new(HashMap::new()),
+            control: seed.control,
+            control_answered: Cell::new(0),
             stop: seed.stop,
             dirty: Cell::new(false),
             committing: Cell::new(false),
@@ -410,8 +424,16 @@ impl Shard {
         let s = shard.clone();
         let syncer = spawn(Box::pin(async move { s.syncer().await }), queues.store);
         let pulse = shard.pulses[shard.id.index()].clone();
+        let s = shard.clone();
+        let nudge = seed.nudge.clone();
         let heartbeat = spawn(
-            Box::pin(super::watchdog::heartbeat(seed.nudge.clone(), pulse)),
+            Box::pin(async move {
+                loop {
+                    nudge.wait().await;
+                    pulse.beats.fetch_add(1, Ordering::Relaxed);
+                    s.poll_control();
+                }
+            }),
             queues.housekeeping,
         );
         let s = shard.clone();
@@ -419,13 +441,17 @@ impl Shard {
             Box::pin(async move { s.sweeper().await }),
             queues.housekeeping,
         );
-        let control = seed.control.map(|c| {
+        // With the heartbeat disabled, a timer polls the control mailbox instead, and counts
+        // the beats that `/healthz` watches.
+        let control = (shard.control.is_some() && shard.cfg.heartbeat_ms == 0).then(|| {
             let s = shard.clone();
             spawn(
                 Box::pin(async move {
-                    let requests = c.requests.connect().await;
-                    let replies = c.replies.connect().await;
-                    s.control(requests, replies).await
+                    loop {
+                        glommio::timer::sleep(Duration::from_millis(limits::CONTROL_POLL_MS)).await;
+                        s.pulses[s.id.index()].beats.fetch_add(1, Ordering::Relaxed);
+                        s.poll_control();
+                    }
                 }),
                 queues.housekeeping,
             )
@@ -534,7 +560,7 @@ impl Shard {
     pub fn insert_conn(&self, hs: Handshake, now_ms: u64) -> (u32, Rc<Conn>) {
         let gen = self.next_gen.get().wrapping_add(1);
         self.next_gen.set(gen);
-        let conn = Rc::new(Conn::new(gen, hs, now_ms));
+        let conn = Rc::new(Conn::new(gen, hs, now_ms, self.send_burst()));
         let slot = self.conns.borrow_mut().insert(conn.clone());
         self.pulses[self.id.index()]
             .connections
@@ -574,9 +600,38 @@ impl Shard {
         self.conn_at(r.slot).filter(|c| c.gen == r.gen)
     }
 
-    /// Whether new client input must wait: the store or an outbox is over its high-water mark.
+    /// Burst allowance of the per-connection SEND limit.
+    fn send_burst(&self) -> u32 {
+        self.cfg.send_rate_per_s.saturating_mul(2)
+    }
+
+    /// Whether a new connection from `ip` is within the per-source rate limit (and counts
+    /// it). The table of sources is bounded: past it, new sources pass untracked.
+    fn admit_source(&self, ip: std::net::IpAddr, now: u64) -> bool {
+        let rate = self.cfg.connect_rate_per_source;
+        if rate == 0 {
+            return true;
+        }
+        let mut sources = self.sources.borrow_mut();
+        if let Some(b) = sources.get_mut(&ip) {
+            return b.take(now, rate, rate);
+        }
+        if sources.len() >= limits::SOURCES_TRACKED_MAX {
+            bump(&self.stats.sources_untracked, 1);
+            return true;
+        }
+        let mut b = TokenBucket::full(rate, now);
+        let ok = b.take(now, rate, rate);
+        sources.insert(ip, b);
+        ok
+    }
+
+    /// Whether new client input must wait: the store, an outbox or the shard's outbound
+    /// bytes are over their high-water marks.
     pub fn backpressured(&self) -> bool {
-        self.pending.borrow().len() >= self.cfg.pending_ops_max
+        conn::IO_COUNTS.with(|c| c.out_bytes_queued.get())
+            > self.cfg.shard_outbound_bytes_max as u64
+            || self.pending.borrow().len() >= self.cfg.pending_ops_max
             || self
                 .outboxes
                 .iter()
@@ -594,8 +649,9 @@ impl Shard {
         }
     }
 
-    fn wake_paused(&self) {
-        if self.backpressured() {
+    /// Wakes the connections parked by back-pressure once it has eased.
+    pub fn wake_paused(&self) {
+        if self.paused.borrow().is_empty() || self.backpressured() {
             return;
         }
         let paused = std::mem::take(&mut *self.paused.borrow_mut());
@@ -752,6 +808,31 @@ impl Shard {
                 recipient,
                 body,
             } => {
+                let rate = self.cfg.send_rate_per_s;
+                if rate > 0 {
+                    if let Err(refused) = conn.charge_send(now_ms, rate, self.send_burst()) {
+                        bump(&self.stats.sends_rate_limited, 1);
+                        if refused > limits::SEND_REFUSALS_MAX {
+                            conn.push_frame(&ServerFrame::Error {
+                                code: ErrorCode::RateLimited as u16,
+                                fatal: true,
+                                ref_id: client_msg_id,
+                                message: format!("kept sending past the limit of {rate} SENDs/s"),
+                            });
+                            conn.close_as(CloseReason::RateLimited);
+                        } else {
+                            let why = format!(
+                                "over the limit of {rate} SENDs/s; not accepted, slow down"
+                            );
+                            conn.push_frame(&ServerFrame::error(
+                                ErrorCode::RateLimited,
+                                client_msg_id,
+                                why,
+                            ));
+                        }
+                        return;
+                    }
+                }
                 if recipient.0 == 0 {
                     conn.push_frame(&ServerFrame::error(
                         ErrorCode::BadRecipient,
@@ -1027,7 +1108,8 @@ impl Shard {
                 for (i, (id, item)) in items.iter().enumerate() {
                     // Bound by bytes as well as by count: a window of large messages must
                     // not overflow the connection's outbound limit (it resumes after a flush).
-                    if i > 0 && !self.has_out_room(conn, item) {
+                    // (A message larger than the room still goes out alone, on an empty queue.)
+                    if (i > 0 || conn.out_bytes() > 0) && !self.has_out_room(conn, item) {
                         conn.set_caught_up(false);
                         return;
                     }
@@ -1300,7 +1382,7 @@ impl Shard {
                         answer(
                             to,
                             client_msg_id,
-                            Err((ErrorCode::StoreFailed, format!("message not stored: {e}"))),
+                            Err((ErrorCode::StoreFailed, e.client_message())),
                         );
                     }
                 }
@@ -1331,6 +1413,11 @@ impl Shard {
         loop {
             glommio::timer::sleep(Duration::from_millis(limits::SWEEP_INTERVAL_MS)).await;
             let now = now_ms();
+            // Forget sources that have been quiet long enough for their bucket to refill.
+            let rate = self.cfg.connect_rate_per_source;
+            self.sources
+                .borrow_mut()
+                .retain(|_, b| !b.is_full(now, rate, rate));
             let conns: Vec<Rc<Conn>> = self.conns.borrow().iter().map(|(_, c)| c.clone()).collect();
             for c in conns {
                 if let Some(closing_since) = c.closing_since() {
@@ -1347,6 +1434,16 @@ impl Shard {
                         c.push_frame(&frame);
                     }
                     c.close_as(CloseReason::LoginTimeout);
+                } else if c.write_stalled_ms(now) >= self.cfg.write_stall_timeout_ms {
+                    // It has stopped reading: what it was sent stays in the store for its next
+                    // session.
+                    conn::IO_COUNTS.with(|io| bump(&io.slow_consumers, 1));
+                    c.push_frame(&ServerFrame::error(
+                        ErrorCode::SlowConsumer,
+                        0,
+                        "nothing read for the write stall timeout: the client does not read",
+                    ));
+                    c.close_as(CloseReason::SlowConsumer);
                 } else if matches!(c.phase(), Phase::Active { .. })
                     && now.saturating_sub(c.last_rx_ms()) >= self.cfg.idle_timeout_ms
                 {
@@ -1378,6 +1475,20 @@ impl Shard {
                         continue;
                     }
                     let now = now_ms();
+                    let source = stream.peer_addr().map(|a| a.ip());
+                    if source.is_ok_and(|ip| !self.admit_source(ip, now)) {
+                        bump(&self.stats.conns_rate_limited, 1);
+                        let frame = ServerFrame::Error {
+                            code: ErrorCode::RateLimited as u16,
+                            fatal: true,
+                            ref_id: 0,
+                            message: "too many new connections from your address; retry later"
+                                .into(),
+                        }
+                        .to_bytes();
+                        conn::send_best_effort(&stream, &frame);
+                        continue;
+                    }
                     let (slot, conn) = self.insert_conn(Handshake::new(now), now);
                     self.spawn_conn(stream, slot, conn);
                 }
@@ -1400,20 +1511,21 @@ impl Shard {
         }
     }
 
-    /// Answers the admin endpoint's scrapes until it goes away.
+    /// Answers a scrape of the admin endpoint if one is waiting. Called on every heartbeat,
+    /// so the admin side never wakes the shard (scrape latency: one heartbeat period).
     ///
-    /// glommio's channels can deadlock when one task awaits both sends and receives (issue
-    /// #555): this task only awaits receives and answers with `try_send`. The admin side
-    /// keeps at most one request per shard outstanding, and the reply channel has room for
-    /// stale answers, so `try_send` finds room; if it ever does not, that scrape reports the
-    /// shard as unanswered.
-    async fn control(
-        self: Rc<Self>,
-        requests: ConnectedReceiver<u64>,
-        replies: ConnectedSender<Box<ShardSnapshot>>,
-    ) {
-        while let Some(seq) = requests.recv().await {
-            if replies.try_send(Box::new(self.snapshot(seq))).is_err() {
+    /// Never blocks: `try_send` on a bounded channel that has room for stale answers, since
+    /// the admin side keeps at most one request outstanding. Not a glommio channel: the admin
+    /// threads are not an executor (see admin.rs), and nothing here awaits, which also keeps
+    /// clear of glommio's send-and-receive deadlock (issue #555).
+    fn poll_control(&self) {
+        let Some(c) = &self.control else {
+            return;
+        };
+        let seq = c.requested.load(Ordering::Acquire);
+        if seq > self.control_answered.get() {
+            self.control_answered.set(seq);
+            if c.replies.try_send(Box::new(self.snapshot(seq))).is_err() {
                 tracing::debug!(
                     shard = self.id.0,
                     seq,
@@ -1461,9 +1573,13 @@ impl Shard {
             channel_full: st.channel_full.get(),
             backpressure_pauses: st.backpressure_pauses.get(),
             slow_consumers: io.slow_consumers.get(),
-            commit_us: self.commit_us.borrow().clone(),
-            commit_ops: self.commit_ops.borrow().clone(),
-            deliver_us: self.deliver_us.borrow().clone(),
+            conns_rate_limited: st.conns_rate_limited.get(),
+            sends_rate_limited: st.sends_rate_limited.get(),
+            sources_untracked: st.sources_untracked.get(),
+            outbound_bytes_queued: io.out_bytes_queued.get(),
+            commit_us: Buckets::from_histogram(&self.commit_us.borrow(), &LATENCY_BOUNDS_US),
+            commit_ops: Buckets::from_histogram(&self.commit_ops.borrow(), &BATCH_BOUNDS),
+            deliver_us: Buckets::from_histogram(&self.deliver_us.borrow(), &LATENCY_BOUNDS_US),
         })
     }
 

@@ -229,6 +229,26 @@ pub struct Opened {
     pub epoch: u16,
 }
 
+impl StoreError {
+    /// What a client is told: the kind of failure, never server paths or internals (those go
+    /// to the log).
+    pub fn client_message(&self) -> String {
+        match self {
+            StoreError::Lmdb {
+                source: heed::Error::Mdb(heed::MdbError::MapFull),
+                ..
+            } => "message not stored: the server's store is full; retry later".into(),
+            StoreError::Lmdb {
+                source: heed::Error::Io(e),
+                ..
+            } if e.raw_os_error() == Some(libc::ENOSPC) => {
+                "message not stored: the server's disk is full; retry later".into()
+            }
+            _ => "message not stored: the server could not write it; retry later".into(),
+        }
+    }
+}
+
 impl Store {
     /// Path of shard `shard`'s environment under `data_dir`.
     pub fn shard_dir(data_dir: &Path, shard: ShardId) -> PathBuf {

@@ -2,8 +2,10 @@
 //! directory, and logged-in clients.
 #![allow(dead_code)]
 
-use std::net::SocketAddr;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
 use std::path::Path;
+use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use gatehouse::auth::TokenKeys;
@@ -143,7 +145,7 @@ pub fn is_closed_err(e: &ClientError) -> bool {
 /// Starts a `gatehouse run` command (stdout piped) and reads the address from its
 /// `gatehouse listening on ADDR` banner. One retry, for the rare shard that never starts
 /// (the binary then exits after 30 s; see `start`).
-pub fn spawn_and_read_addr(cmd: &mut std::process::Command) -> (std::process::Child, SocketAddr) {
+pub fn spawn_and_read_addr(cmd: &mut std::process::Command) -> (Gateway, SocketAddr) {
     use std::io::BufRead;
     for attempt in 0..2 {
         let mut child = cmd
@@ -155,7 +157,7 @@ pub fn spawn_and_read_addr(cmd: &mut std::process::Command) -> (std::process::Ch
             .read_line(&mut line)
             .unwrap();
         if let Some(addr) = line.trim().rsplit(' ').next().and_then(|a| a.parse().ok()) {
-            return (child, addr);
+            return (Gateway(child), addr);
         }
         let _ = child.kill();
         let _ = child.wait();
@@ -186,5 +188,105 @@ pub fn expect_error_with(
             message
         }
         other => panic!("expected ERROR {code:?}, got {other:?}"),
+    }
+}
+
+/// `GET`/`POST` over a plain socket; returns (status, body).
+pub fn http(addr: SocketAddr, method: &str, path: &str) -> (u16, String) {
+    let mut s = TcpStream::connect(addr).expect("connect admin");
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(s, "{method} {path} HTTP/1.1\r\nHost: test\r\n\r\n").unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    let status = out
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or_else(|| panic!("no status line in {out:?}"));
+    let body = out.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
+    (status, body.to_string())
+}
+
+/// Sum of every series of `name` (all shards) whose labels contain `label` (may be "").
+pub fn metric(body: &str, name: &str, label: &str) -> f64 {
+    body.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter(|l| {
+            l.strip_prefix(name)
+                .is_some_and(|rest| rest.starts_with('{') || rest.starts_with(' '))
+        })
+        .filter(|l| l.contains(label))
+        .map(|l| l.rsplit(' ').next().unwrap().parse::<f64>().unwrap())
+        .sum()
+}
+
+/// Starts the binary with `config` text; returns the child, its address and admin address.
+/// Stderr goes to `log`.
+pub fn spawn_node(config: &Path, log: &Path) -> (Gateway, SocketAddr, SocketAddr) {
+    for _ in 0..2 {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_gatehouse"))
+            .args(["run", "--config"])
+            .arg(config)
+            .env_remove("GATEHOUSE_LOG")
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(log).unwrap())
+            .spawn()
+            .unwrap();
+        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        let first = lines.next().and_then(|l| l.ok()).unwrap_or_default();
+        let second = lines.next().and_then(|l| l.ok()).unwrap_or_default();
+        let last = |l: &str| {
+            l.rsplit(' ')
+                .next()
+                .unwrap_or("")
+                .trim_start_matches("http://")
+                .parse()
+                .ok()
+        };
+        if let (Some(a), Some(b)) = (last(&first), last(&second)) {
+            return (Gateway(child), a, b);
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    panic!("gatehouse did not start twice");
+}
+
+pub fn node_config(dir: &Path, extra: &str) -> std::path::PathBuf {
+    let cfg = dir.join("g.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\nshards = 2\n{extra}\n[store]\ndata_dir = {:?}\nmap_size_mib = 64\n[auth]\nkey_hex = \"{KEY_HEX}\"\n[admin]\nlisten = \"127.0.0.1:0\"\n",
+            dir.join("data")
+        ),
+    )
+    .unwrap();
+    cfg
+}
+
+/// A gateway process that is killed when the test ends, also when it panics (a failed test must
+/// not leave a node running). Derefs to the `Child`.
+pub struct Gateway(pub Child);
+
+impl std::ops::Deref for Gateway {
+    type Target = Child;
+    fn deref(&self) -> &Child {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Gateway {
+    fn deref_mut(&mut self) -> &mut Child {
+        &mut self.0
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
     }
 }

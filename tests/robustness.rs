@@ -1,0 +1,447 @@
+//! Robustness: rate limits, slow and stuck clients, a full store, running out of descriptors.
+//! Each test shows that the fault stays with its own connection and that nothing acknowledged
+//! is lost.
+
+mod common;
+
+use std::collections::HashSet;
+use std::net::TcpStream;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{
+    expect_deliver, expect_error_with, expect_frame, expect_send_ack, http, login, metric,
+    node_config, spawn_node,
+};
+use gatehouse::client::Client;
+use gatehouse::ids::{ServerMsgId, UserId};
+use gatehouse::proto::{ClientFrame, ErrorCode, ServerFrame};
+
+/// A node with `tail` appended to its configuration (extra sections).
+fn node(
+    dir: &std::path::Path,
+    server_extra: &str,
+    tail: &str,
+) -> (common::Gateway, std::net::SocketAddr, std::net::SocketAddr) {
+    let cfg = node_config(dir, server_extra);
+    std::fs::write(&cfg, std::fs::read_to_string(&cfg).unwrap() + tail).unwrap();
+    spawn_node(&cfg, &dir.join("stderr.log"))
+}
+
+fn stop(mut child: common::Gateway) {
+    // SAFETY: plain kill(2) on our child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    assert!(child.wait().unwrap().success());
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    s.lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
+fn cpu_ticks(pid: u32) -> u64 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let after = &s[s.rfind(')').unwrap() + 2..];
+    let f: Vec<&str> = after.split_whitespace().collect();
+    f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap()
+}
+
+#[test]
+fn a_connection_flood_from_one_address_is_rate_limited_and_others_keep_working() {
+    let dir = tempfile::tempdir().unwrap();
+    // 20 new connections/s per source over 2 shards: 10/s and bursts of 10 on each.
+    let (child, addr, admin) = node(dir.path(), "", "[limits]\nconnect_rate_per_source = 20\n");
+    let mut a = login(addr, 1, 1);
+    let mut refused = 0;
+    let mut open = Vec::new();
+    for _ in 0..100 {
+        let mut c = Client::connect(addr, Duration::from_secs(5)).unwrap();
+        c.send(&ClientFrame::Hello {
+            magic: gatehouse::proto::HELLO_MAGIC,
+            min_version: 1,
+            max_version: 1,
+        })
+        .unwrap();
+        match c.recv_frame() {
+            Ok(ServerFrame::HelloOk { .. }) => open.push(c),
+            Ok(ServerFrame::Error { code, fatal, .. }) => {
+                assert_eq!((code, fatal), (ErrorCode::RateLimited as u16, true));
+                refused += 1;
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert!(
+        // Bursts of 10 per shard, one token already taken by `a`'s login.
+        (15..=25).contains(&open.len()) && refused >= 70,
+        "open {} refused {refused}",
+        open.len()
+    );
+    // The flood did not disturb a logged-in user, and the limit recovers with time.
+    a.send_message(1, UserId(2), b"still here").unwrap();
+    expect_send_ack(&mut a, 1);
+    std::thread::sleep(Duration::from_millis(1_200));
+    let _b = login(addr, 2, 1);
+    let body = http(admin, "GET", "/metrics").1;
+    assert_eq!(
+        metric(&body, "gatehouse_connections_rate_limited_total", ""),
+        refused as f64
+    );
+    stop(child);
+}
+
+#[test]
+fn sends_past_the_rate_limit_are_refused_then_the_connection_is_closed() {
+    let dir = tempfile::tempdir().unwrap();
+    // 50 SENDs/s with bursts of 100.
+    let (child, addr, admin) = node(dir.path(), "", "[limits]\nsend_rate_per_s = 50\n");
+    let mut a = login(addr, 10, 1);
+    // Pipeline far more than the burst; read every answer.
+    let n = 400u64;
+    let mut buf = Vec::new();
+    for i in 0..n {
+        let mut b = bytes::BytesMut::new();
+        ClientFrame::Send {
+            client_msg_id: i,
+            recipient: UserId(11),
+            body: bytes::Bytes::from(format!("m{i}")),
+        }
+        .encode(&mut b);
+        buf.extend_from_slice(&b);
+    }
+    let _ = a.send_raw(&buf);
+    let mut acked = Vec::new();
+    let mut limited = 0;
+    let mut closed_with = None;
+    loop {
+        match a.recv_frame() {
+            Ok(ServerFrame::SendAck {
+                client_msg_id,
+                server_msg_id,
+                ..
+            }) => acked.push((client_msg_id, server_msg_id)),
+            Ok(ServerFrame::Error {
+                code, fatal: false, ..
+            }) if code == ErrorCode::RateLimited as u16 => limited += 1,
+            Ok(ServerFrame::Error {
+                code,
+                fatal: true,
+                message,
+                ..
+            }) => {
+                closed_with = Some((code, message));
+            }
+            Ok(other) => panic!("unexpected {other:?}"),
+            Err(_) => break,
+        }
+    }
+    let (code, message) = closed_with.expect("closed with a fatal error");
+    assert_eq!(code, ErrorCode::RateLimited as u16, "{message}");
+    assert!(message.contains("50 SENDs/s"), "{message}");
+    assert!(
+        (100..=120).contains(&acked.len()),
+        "acked {} limited {limited} closed {message}",
+        acked.len()
+    );
+    assert_eq!(limited, 64, "refusals before the close");
+    // Every acknowledged message reaches its recipient, in order.
+    let mut b = login(addr, 11, 1);
+    for (_, id) in &acked {
+        let (got, from, _) = expect_deliver(&mut b);
+        assert_eq!((got, from), (*id, UserId(10)));
+        b.ack(&[got]).unwrap();
+    }
+    let body = http(admin, "GET", "/metrics").1;
+    assert_eq!(
+        metric(&body, "gatehouse_sends_rate_limited_total", ""),
+        65.0
+    );
+    assert_eq!(
+        metric(&body, "gatehouse_connections_closed_total", "rate_limited"),
+        1.0
+    );
+    stop(child);
+}
+
+#[test]
+fn slowloris_trickles_are_closed_by_the_timeouts() {
+    let dir = tempfile::tempdir().unwrap();
+    let (child, addr, _) = node(
+        dir.path(),
+        "",
+        "[limits]\nlogin_timeout_ms = 600\nidle_timeout_ms = 1500\n",
+    );
+    // Before login: one byte of HELLO every 200 ms never completes a login in time.
+    let mut c = Client::connect(addr, Duration::from_secs(5)).unwrap();
+    let start = Instant::now();
+    let mut hello = bytes::BytesMut::new();
+    ClientFrame::Hello {
+        magic: gatehouse::proto::HELLO_MAGIC,
+        min_version: 1,
+        max_version: 1,
+    }
+    .encode(&mut hello);
+    for byte in hello.iter().take(4) {
+        if c.send_raw(&[*byte]).is_err() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    expect_error_with(&mut c, ErrorCode::LoginTimeout, true, 0);
+    assert!(start.elapsed() < Duration::from_secs(3));
+    // After login: a frame trickled byte by byte never counts as activity.
+    let mut a = login(addr, 21, 1);
+    let mut frame = bytes::BytesMut::new();
+    ClientFrame::Ping { nonce: 1 }.encode(&mut frame);
+    let started = Instant::now();
+    for byte in frame.iter().take(frame.len() - 1) {
+        let _ = a.send_raw(&[*byte]);
+        std::thread::sleep(Duration::from_millis(150));
+    }
+    let reason = expect_frame(&mut a, |f| match f {
+        ServerFrame::GoAway { reason, .. } => Some(*reason),
+        _ => None,
+    });
+    assert_eq!(reason, gatehouse::proto::GoAwayReason::Idle);
+    assert!(started.elapsed() < Duration::from_secs(4));
+    stop(child);
+}
+
+#[test]
+fn a_stuck_client_costs_bounded_memory_and_others_keep_their_latency() {
+    let dir = tempfile::tempdir().unwrap();
+    // 256 KiB of outbound queue per connection. The delivery window is at its maximum, so
+    // that the unacknowledged deliveries outgrow the kernel's socket buffers (with the default
+    // window of 64 they fit there, and a client that stops reading costs the gateway nothing).
+    let (child, addr, admin) = node(
+        dir.path(),
+        "",
+        "[limits]\noutbound_bytes_max = 262144\nwrite_stall_timeout_ms = 1000\nsend_rate_per_s = 0\ndelivery_window = 4096\n",
+    );
+    let pid = child.id();
+    let stuck_user = 31;
+    let stuck = login(addr, stuck_user, 1); // logs in, then never reads again
+    let mut sender = login(addr, 30, 1);
+    let mut c = login(addr, 32, 1);
+    let rss_before = rss_kib(pid);
+    // 2,000 messages of 8 KiB (16 MiB) for the stuck client, sent in windows of 100.
+    let body = vec![7u8; 8 * 1024];
+    let mut acked = Vec::new();
+    let mut worst_ping = Duration::ZERO;
+    for chunk in 0..20u64 {
+        for i in 0..100 {
+            sender
+                .send_message(chunk * 100 + i, UserId(stuck_user), &body)
+                .unwrap();
+        }
+        for i in 0..100 {
+            acked.push(expect_send_ack(&mut sender, chunk * 100 + i));
+        }
+        // Another client's round trip meanwhile.
+        let t = Instant::now();
+        c.send(&ClientFrame::Ping { nonce: chunk }).unwrap();
+        expect_frame(&mut c, |f| {
+            matches!(f, ServerFrame::Pong { .. }).then_some(())
+        });
+        worst_ping = worst_ping.max(t.elapsed());
+    }
+    let rss_after = rss_kib(pid);
+    // The stuck connection is closed as a slow consumer once its output has not moved for
+    // the write stall timeout.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let body_m = loop {
+        let body = http(admin, "GET", "/metrics").1;
+        if metric(&body, "gatehouse_slow_consumers_total", "") >= 1.0 || Instant::now() > deadline {
+            break body;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(
+        metric(&body_m, "gatehouse_slow_consumers_total", ""),
+        1.0,
+        "{body_m}"
+    );
+    // Its queue was bounded by the outbound limit, and once the closed connection is gone
+    // (after the close grace period) the shard's outbound gauge is back to zero.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let queued = metric(
+            &http(admin, "GET", "/metrics").1,
+            "gatehouse_outbound_bytes_queued",
+            "",
+        );
+        assert!(queued <= (262_144 + 16 * 1024) as f64, "queued {queued}");
+        if queued == 0.0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "outbound gauge stuck at {queued}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let grew_kib = rss_after.saturating_sub(rss_before);
+    eprintln!("stuck client: RSS grew {grew_kib} KiB, worst other-client ping {worst_ping:?}");
+    // Bound: the 256 KiB queue, LMDB's mapped pages of the 16 MiB stored, and allocator slack.
+    assert!(grew_kib < 48 * 1024, "RSS grew {grew_kib} KiB");
+    assert!(
+        worst_ping < Duration::from_millis(500),
+        "ping took {worst_ping:?}"
+    );
+    drop(stuck);
+    // Every acknowledged message is still there for the stuck user's next session.
+    let mut again = login(addr, stuck_user, 1);
+    let mut seen = HashSet::new();
+    while seen.len() < acked.len() {
+        let (id, _, _) = expect_deliver(&mut again);
+        again.ack(&[id]).unwrap();
+        seen.insert(id);
+    }
+    assert_eq!(
+        seen,
+        acked.iter().copied().collect::<HashSet<ServerMsgId>>()
+    );
+    stop(child);
+}
+
+#[test]
+fn a_full_store_refuses_sends_with_a_clear_error_and_recovers() {
+    let dir = tempfile::tempdir().unwrap();
+    // The smallest map LMDB is given: 16 MiB per shard.
+    let cfg = node_config(dir.path(), "");
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    assert!(text.contains("map_size_mib = 64"));
+    std::fs::write(
+        &cfg,
+        text.replace("map_size_mib = 64", "map_size_mib = 16")
+            + "[limits]\nsend_rate_per_s = 0\nqueue_messages_max = 100000\n",
+    )
+    .unwrap();
+    let (child, addr, admin) = spawn_node(&cfg, &dir.path().join("stderr.log"));
+    let recipient = 41;
+    let mut a = login(addr, 40, 1);
+    let body = vec![1u8; 60 * 1024];
+    let mut acked = Vec::new();
+    let mut refused = None;
+    for i in 0..2_000u64 {
+        a.send_message(i, UserId(recipient), &body).unwrap();
+        match a.recv_frame().unwrap() {
+            ServerFrame::SendAck { server_msg_id, .. } => acked.push(server_msg_id),
+            ServerFrame::Error {
+                code,
+                fatal,
+                message,
+                ..
+            } => {
+                assert_eq!(
+                    (code, fatal),
+                    (ErrorCode::StoreFailed as u16, false),
+                    "{message}"
+                );
+                refused = Some(message);
+                break;
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    let message = refused.expect("the store filled up");
+    assert!(message.contains("store is full"), "{message}");
+    assert!(
+        !message.contains("/"),
+        "no server paths in a client's error: {message}"
+    );
+    assert!(!acked.is_empty());
+    eprintln!("store full after {} messages: {message}", acked.len());
+    let log = std::fs::read_to_string(dir.path().join("stderr.log")).unwrap();
+    assert!(
+        log.contains("group commit failed; refusing its sends"),
+        "{log}"
+    );
+    let body_m = http(admin, "GET", "/metrics").1;
+    assert!(metric(&body_m, "gatehouse_store_commit_failures_total", "") >= 1.0);
+    // The recipient drains what was acknowledged; then sends are accepted again.
+    let mut b = login(addr, recipient, 1);
+    for want in &acked {
+        let (id, _, _) = expect_deliver(&mut b);
+        assert_eq!(id, *want);
+        b.ack(&[id]).unwrap();
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    a.send_message(99_999, UserId(recipient), b"room again")
+        .unwrap();
+    expect_send_ack(&mut a, 99_999);
+    stop(child);
+}
+
+#[test]
+fn running_out_of_descriptors_backs_off_without_spinning_and_recovers() {
+    use std::os::unix::process::CommandExt;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = node_config(dir.path(), "");
+    let log = dir.path().join("stderr.log");
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_gatehouse"));
+    cmd.args(["run", "--config"])
+        .arg(&cfg)
+        .stdout(Stdio::piped())
+        .stderr(std::fs::File::create(&log).unwrap());
+    // SAFETY: setrlimit is async-signal-safe; it runs in the child before exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            let r = libc::rlimit {
+                rlim_cur: 200,
+                rlim_max: 200,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &r) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let (mut child, addr) = common::spawn_and_read_addr(&mut cmd);
+    let pid = child.id();
+    // Far more clients than the 200 descriptors allow; connects still complete in the kernel
+    // backlog, but the gateway cannot accept them.
+    let mut clients = Vec::new();
+    for _ in 0..300 {
+        if let Ok(s) = TcpStream::connect_timeout(&addr, Duration::from_secs(2)) {
+            clients.push(s);
+        }
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let t0 = cpu_ticks(pid);
+    std::thread::sleep(Duration::from_secs(2));
+    let used = cpu_ticks(pid) - t0;
+    // Ticks are 10 ms: 2 s of spinning on one core would be 200.
+    assert!(
+        used < 40,
+        "gateway used {used} ticks in 2 s while out of descriptors"
+    );
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(text.contains("accept failed"), "{text}");
+    // Free descriptors: the gateway accepts again and serves a login.
+    clients.clear();
+    std::thread::sleep(Duration::from_millis(500));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let token = common::token(50, 1);
+        match Client::login(
+            addr,
+            UserId(50),
+            gatehouse::ids::DeviceId(1),
+            &token,
+            Duration::from_secs(2),
+        ) {
+            Ok(_) => break,
+            Err(e) => assert!(Instant::now() < deadline, "no recovery: {e}"),
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // SAFETY: plain kill(2) on our child.
+    unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+    assert!(child.wait().unwrap().success());
+}
