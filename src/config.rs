@@ -511,6 +511,14 @@ impl Config {
                 "must be at least limits.outbound_bytes_max",
             ));
         }
+        if l.connect_rate_per_source > limits::RATE_PER_S_MAX
+            || l.send_rate_per_s > limits::RATE_PER_S_MAX
+        {
+            return Err(invalid(
+                "limits.connect_rate_per_source / limits.send_rate_per_s",
+                format!("at most {} (0 turns a limit off)", limits::RATE_PER_S_MAX),
+            ));
+        }
         if l.write_stall_timeout_ms == 0 {
             return Err(invalid("limits.write_stall_timeout_ms", "must be > 0"));
         }

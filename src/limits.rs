@@ -96,6 +96,8 @@ pub const CONNECT_RATE_PER_SOURCE_DEFAULT: u32 = 2_000;
 pub const SOURCES_TRACKED_MAX: usize = 65_536;
 /// Default SENDs per second per connection (bursts of twice that).
 pub const SEND_RATE_PER_S_DEFAULT: u32 = 1_000;
+/// Largest configurable rate (token buckets count in f32: exact far beyond this).
+pub const RATE_PER_S_MAX: u32 = 1_000_000;
 /// Refused SENDs in a row after which a connection that keeps sending is closed.
 pub const SEND_REFUSALS_MAX: u32 = 64;
 /// With `runtime.heartbeat_ms = 0`: how often a shard polls its admin control mailbox, ms.

@@ -146,7 +146,8 @@ pub struct ShardSnapshot {
     pub conns_rate_limited: u64,
     /// SENDs refused by the per-connection rate limit.
     pub sends_rate_limited: u64,
-    /// New source addresses not rate-limited because the shard's table was full.
+    /// Connections from new source addresses not rate-limited because the shard's table was
+    /// full.
     pub sources_untracked: u64,
     /// Outbound bytes queued on the shard's connections now (the memory budget's gauge).
     pub outbound_bytes_queued: u64,
@@ -483,7 +484,7 @@ impl prometheus_client::collector::Collector for Snapshots {
         counter(
             e,
             "sources_untracked",
-            "New source addresses not rate-limited because the table was full",
+            "Connections from new sources not rate-limited because the table was full",
             f,
             |s| s.sources_untracked,
         )?;

@@ -445,3 +445,100 @@ fn running_out_of_descriptors_backs_off_without_spinning_and_recovers() {
     unsafe { libc::kill(pid as i32, libc::SIGTERM) };
     assert!(child.wait().unwrap().success());
 }
+
+#[test]
+fn the_shard_memory_budget_pauses_readers_and_resumes_them_when_stuck_clients_go() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = node_config(dir.path(), "");
+    let text = std::fs::read_to_string(&cfg)
+        .unwrap()
+        .replace("shards = 2", "shards = 1");
+    // One shard whose whole outbound budget is one connection's limit (256 KiB).
+    std::fs::write(
+        &cfg,
+        text + "[limits]\noutbound_bytes_max = 262144\nshard_outbound_bytes_max = 262144\n\
+                write_stall_timeout_ms = 1000\nsend_rate_per_s = 0\ndelivery_window = 4096\n",
+    )
+    .unwrap();
+    let (child, addr, admin) = spawn_node(&cfg, &dir.path().join("stderr.log"));
+    // Four clients that stop reading, each fed more than the kernel's socket buffers hold.
+    let stuck: Vec<Client> = (61..65).map(|u| login(addr, u, 1)).collect();
+    let mut sender = login(addr, 60, 1);
+    let mut other = login(addr, 66, 1);
+    let body = vec![3u8; 16 * 1024];
+    // The sender writes from its own thread and reads its answers here, so that it never
+    // stalls itself (it would be closed for its write stall too).
+    let mut writer = sender.stream().try_clone().unwrap();
+    let paused = move || {
+        metric(
+            &http(admin, "GET", "/metrics").1,
+            "gatehouse_backpressure_pauses_total",
+            "",
+        ) >= 1.0
+    };
+    let writing = std::thread::spawn(move || {
+        let mut next = 0u64;
+        let mut send = |user: u64| {
+            let mut b = bytes::BytesMut::new();
+            ClientFrame::Send {
+                client_msg_id: next,
+                recipient: UserId(user),
+                body: bytes::Bytes::from(body.clone()),
+            }
+            .encode(&mut b);
+            std::io::Write::write_all(&mut writer, &b).unwrap();
+            next += 1;
+        };
+        // First enough for each stuck client to outgrow the kernel's socket buffers and stall
+        // for good; then more until the shard, over its budget, has paused its readers.
+        for user in 61u64..65 {
+            (0..600).for_each(|_| send(user));
+        }
+        for round in 0..100 {
+            for user in 61u64..65 {
+                (0..50).for_each(|_| send(user));
+            }
+            if round % 4 == 3 && paused() {
+                break;
+            }
+        }
+        next
+    });
+    // Answers stop while the shard is over its budget and reads nobody; the stuck clients
+    // are closed for their write stall, their queues are freed, and reading resumes: every
+    // SEND is answered.
+    sender.set_timeout(Duration::from_secs(30)).unwrap();
+    let mut acked = 0u64;
+    let mut writing = Some(writing);
+    let mut sent = None;
+    while sent.is_none_or(|n| acked < n) {
+        match sender.recv_frame().unwrap() {
+            ServerFrame::SendAck { .. } => acked += 1,
+            ServerFrame::Receipt { .. } => {}
+            other => panic!("unexpected {other:?}"),
+        }
+        if writing.as_ref().is_some_and(|w| w.is_finished()) {
+            sent = writing.take().map(|w| w.join().unwrap());
+        }
+    }
+    assert_eq!(Some(acked), sent);
+    // Reading has resumed for everyone.
+    let t = Instant::now();
+    other.send(&ClientFrame::Ping { nonce: 9 }).unwrap();
+    expect_frame(&mut other, |f| {
+        matches!(f, ServerFrame::Pong { .. }).then_some(())
+    });
+    eprintln!("budget: PING answered after {:?}", t.elapsed());
+    let body_m = http(admin, "GET", "/metrics").1;
+    assert!(
+        metric(&body_m, "gatehouse_backpressure_pauses_total", "") >= 1.0,
+        "{body_m}"
+    );
+    // Reading resumed because the stuck clients, whose output stalled, were closed.
+    assert!(
+        metric(&body_m, "gatehouse_slow_consumers_total", "") >= 1.0,
+        "{body_m}"
+    );
+    drop(stuck);
+    stop(child);
+}

@@ -306,8 +306,11 @@ impl<'a> Fields<'a> {
         }
         (0..count).map(|_| self.u64().map(ServerMsgId)).collect()
     }
+    /// Reason text: lossy UTF-8, cut to `REASON_BYTES_MAX` like the encoder does, so that a
+    /// decoded frame encodes back to itself (found by the `frame_decoder` fuzz target: invalid
+    /// bytes grow into 3-byte U+FFFD and passed the limit).
     fn text(&mut self) -> String {
-        String::from_utf8_lossy(self.rest()).into_owned()
+        truncate_utf8(&String::from_utf8_lossy(self.rest()), REASON_BYTES_MAX).to_string()
     }
 }
 
@@ -863,5 +866,26 @@ mod tests {
                 rest = &rest[raw.total_bytes..];
             }
         }
+    }
+
+    /// Regression for fuzz/artifacts/frame_decoder/crash-eb667dce…: an ERROR whose text is 118
+    /// invalid UTF-8 bytes decoded to 354 bytes of U+FFFD, which the encoder then cut to 256.
+    #[test]
+    fn reason_text_round_trips_after_lossy_decoding() {
+        // code 0x2300, not fatal, ref_id 0x000288dededededede, then the text.
+        let mut payload = vec![
+            0x23, 0x00, 0x00, 0x00, 0x02, 0x88, 0xde, 0xde, 0xde, 0xde, 0xde,
+        ];
+        payload.extend(std::iter::repeat_n(0xde, 117));
+        payload.push(0x92);
+        let f = ServerFrame::decode(0x88, &payload[..]).unwrap();
+        let ServerFrame::Error { message, .. } = &f else {
+            panic!("{f:?}")
+        };
+        assert!(message.len() <= REASON_BYTES_MAX);
+        let mut b = BytesMut::new();
+        f.encode(&mut b);
+        let raw = split_frame(&b, 1 << 16).unwrap().unwrap();
+        assert_eq!(ServerFrame::decode(raw.frame_type, raw.payload).unwrap(), f);
     }
 }

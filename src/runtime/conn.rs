@@ -174,7 +174,9 @@ impl Conn {
             return;
         }
         if st.out_bytes == 0 {
-            st.out_since_ms = self.now_ms.get();
+            // The real clock, not the cached one: that is refreshed on reads, and a connection
+            // parked by back-pressure is not read (its stall would start in the past).
+            st.out_since_ms = super::now_ms();
         }
         st.out_bytes += b.len();
         IO_COUNTS.with(|c| bump(&c.out_bytes_queued, b.len() as u64));
@@ -393,6 +395,9 @@ impl Conn {
                     match Pin::new(&mut *stream).poll_write(cx, &front) {
                         Poll::Ready(Ok(n)) => {
                             IO_COUNTS.with(|c| bump(&c.bytes_out, n as u64));
+                            if n > 0 {
+                                st.out_since_ms = super::now_ms();
+                            }
                             Self::advance(&mut st, n)
                         }
                         Poll::Ready(Err(e)) => return Err(e),

@@ -224,7 +224,7 @@ pub struct ShardStats {
     pub conns_rate_limited: Cell<u64>,
     /// SENDs refused by the per-connection rate limit.
     pub sends_rate_limited: Cell<u64>,
-    /// New sources let through untracked because the table was full.
+    /// Connections from new sources let through untracked because the table was full.
     pub sources_untracked: Cell<u64>,
 }
 
@@ -576,6 +576,11 @@ impl Shard {
         let conn = self.conns.borrow_mut().remove(slot as usize);
         if !conn.is_handing_over() {
             bump(&self.stats.conns_closed[conn.close_reason() as usize], 1);
+        }
+        // A connection parked by back-pressure must not outlive its close in the list (it
+        // would hold its queued bytes, and with them the shard's budget, for good).
+        if conn.parked.replace(false) {
+            self.paused.borrow_mut().retain(|c| !Rc::ptr_eq(c, &conn));
         }
         self.pulses[self.id.index()]
             .connections
@@ -1413,6 +1418,9 @@ impl Shard {
         loop {
             glommio::timer::sleep(Duration::from_millis(limits::SWEEP_INTERVAL_MS)).await;
             let now = now_ms();
+            // Closes since the last tick may have freed budget: resume parked readers (they
+            // are otherwise woken by commits, flushes and drained output).
+            self.wake_paused();
             // Forget sources that have been quiet long enough for their bucket to refill.
             let rate = self.cfg.connect_rate_per_source;
             self.sources
@@ -1434,14 +1442,16 @@ impl Shard {
                         c.push_frame(&frame);
                     }
                     c.close_as(CloseReason::LoginTimeout);
-                } else if c.write_stalled_ms(now) >= self.cfg.write_stall_timeout_ms {
+                } else if let Some(stalled) = Some(c.write_stalled_ms(now))
+                    .filter(|ms| *ms >= self.cfg.write_stall_timeout_ms)
+                {
                     // It has stopped reading: what it was sent stays in the store for its next
                     // session.
                     conn::IO_COUNTS.with(|io| bump(&io.slow_consumers, 1));
                     c.push_frame(&ServerFrame::error(
                         ErrorCode::SlowConsumer,
                         0,
-                        "nothing read for the write stall timeout: the client does not read",
+                        format!("none of {} queued bytes read for {stalled} ms: the client does not read", c.out_bytes()),
                     ));
                     c.close_as(CloseReason::SlowConsumer);
                 } else if matches!(c.phase(), Phase::Active { .. })
