@@ -83,3 +83,23 @@ fn messages_flow_with_the_watchdog_watching() {
     }
     server.shutdown().unwrap();
 }
+
+#[test]
+fn a_panic_in_a_blocking_call_reaches_the_shard_instead_of_hanging_it() {
+    // glommio 0.9 leaves the awaiting future pending for ever when a spawn_blocking closure
+    // panics; gatehouse::runtime::blocking re-raises the panic on the executor's thread.
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let ex = glommio::LocalExecutorBuilder::new(glommio::Placement::Unbound)
+            .io_memory(64 * 1024)
+            .spawn(|| async {
+                gatehouse::runtime::blocking(|| -> u32 { panic!("boom in the store") }).await
+            })
+            .unwrap();
+        let _ = tx.send(ex.join().is_err());
+    });
+    let panicked = rx
+        .recv_timeout(Duration::from_secs(10))
+        .expect("the executor hung on a panicking blocking call");
+    assert!(panicked, "the panic did not reach the executor");
+}

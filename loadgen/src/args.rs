@@ -87,6 +87,12 @@ pub struct RunArgs {
     /// JSON report file.
     #[arg(long, default_value = "loadgen-report.json")]
     pub report: PathBuf,
+    /// Reconnect (and log in again) when the gateway closes a connection or a connect fails,
+    /// with backoff from 100 ms doubling to 2 s, until the run ends: for runs that kill and
+    /// restart the gateway (scripts/crash-under-load.sh). The loss check still holds every
+    /// acknowledged message to delivery.
+    #[arg(long)]
+    pub reconnect: bool,
     /// Overall time limit of the run, seconds: every phase stops by then.
     #[arg(long, default_value_t = 600)]
     pub max_run_s: u64,

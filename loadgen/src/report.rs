@@ -260,8 +260,8 @@ impl Report {
         println!("scenario            {:?}", self.config.scenario);
         println!("users / procs       {} / {}", self.config.users, self.procs);
         println!(
-            "connected (max)     {}  (login failures {})",
-            self.max_connected, c.connect_failures
+            "connected (max)     {}  (login failures {}, reconnects {})",
+            self.max_connected, c.connect_failures, c.reconnects
         );
         println!(
             "connect phase       {:.1} s  ({:.0} logins/s)",

@@ -93,6 +93,9 @@ pub struct Counters {
     pub pongs: u64,
     /// Sends skipped because the sending connection's client-side buffer was full.
     pub send_skipped: u64,
+    /// Reconnects made by `--reconnect` after the gateway closed or refused a connection.
+    #[serde(default)]
+    pub reconnects: u64,
     /// ERROR and GO_AWAY frames and connection failures, by reason.
     pub errors: BTreeMap<String, u64>,
 }
@@ -113,6 +116,7 @@ impl Counters {
         self.pings += o.pings;
         self.pongs += o.pongs;
         self.send_skipped += o.send_skipped;
+        self.reconnects += o.reconnects;
         for (k, v) in &o.errors {
             *self.errors.entry(k.clone()).or_default() += v;
         }

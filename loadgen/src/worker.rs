@@ -6,7 +6,7 @@
 //! each worker checks its own losses exactly; the coordinator adds the reports up.
 
 use std::cell::{Cell, RefCell};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd};
 use std::pin::Pin;
@@ -96,7 +96,13 @@ struct Shared {
     /// Sends not yet answered, all executors.
     inflight: AtomicU64,
     acked: AtomicU64,
+    /// Distinct messages delivered (duplicates not counted).
     delivered: AtomicU64,
+    /// `--reconnect`: acknowledged messages not yet seen delivered, and messages delivered
+    /// before their SEND_ACK came (a DELIVER can overtake it). The drain then waits for every
+    /// acknowledged message itself, not a count: after a restart, messages stored but never
+    /// acknowledged (their SEND_ACK died with the gateway) are delivered too.
+    unmatched: std::sync::Mutex<(HashSet<PairSeq>, HashSet<PairSeq>)>,
     receipts: AtomicU64,
     stop: AtomicBool,
     connect_gap_ns: u64,
@@ -138,6 +144,8 @@ struct LConn {
     ready: Cell<bool>,
     closing: Cell<bool>,
     done: Cell<bool>,
+    /// Closed on purpose by the churn scenario (which reconnects it itself).
+    retired: Cell<bool>,
     inflight: Cell<u32>,
     started: Instant,
 }
@@ -153,6 +161,7 @@ impl LConn {
             ready: Cell::new(false),
             closing: Cell::new(false),
             done: Cell::new(false),
+            retired: Cell::new(false),
             inflight: Cell::new(0),
             started: Instant::now(),
         }
@@ -177,6 +186,12 @@ struct Exec {
     sh: Arc<Shared>,
     users: Vec<u32>,
     conns: RefCell<HashMap<u32, Rc<LConn>>>,
+    /// Set when the run ends: no more reconnects.
+    stopping: Cell<bool>,
+    /// Distinct (sender, recipient, seq) delivered to this executor's users.
+    seen: RefCell<HashSet<PairSeq>>,
+    /// `--reconnect`: failed attempts in a row per user index (for the backoff).
+    retries: RefCell<HashMap<u32, u32>>,
     scratch: RefCell<Vec<u8>>,
     counters: RefCell<Counters>,
     acked: RefCell<Vec<PairSeq>>,
@@ -279,11 +294,37 @@ impl Exec {
             token: token.into_bytes().into(),
         });
         let outcome = poll_fn(|cx| self.poll_conn(&c, &mut stream, cx)).await;
-        if let Err(e) = outcome {
-            self.fail(&c, &format!("io: {}", e.kind()));
+        drop(stream);
+        match outcome {
+            Err(e) => self.fail(&c, &format!("io: {}", e.kind())),
+            Ok(()) => self.closed(&c),
+        }
+        self.maybe_reconnect(&c);
+    }
+
+    /// `--reconnect`: brings a connection that ended back, after a backoff, unless the run is
+    /// ending or the churn scenario retired it.
+    fn maybe_reconnect(self: &Rc<Self>, c: &LConn) {
+        if !self.sh.args.reconnect || self.stopping.get() || c.retired.get() {
             return;
         }
-        self.closed(&c);
+        let idx = c.idx;
+        let tries = {
+            let mut r = self.retries.borrow_mut();
+            let t = r.entry(idx).or_insert(0);
+            *t = (*t + 1).min(5);
+            *t
+        };
+        let backoff_ms = (100u64 << (tries - 1)).min(2_000);
+        let ex = self.clone();
+        glommio::spawn_local(async move {
+            glommio::timer::sleep(Duration::from_millis(backoff_ms)).await;
+            if !ex.stopping.get() {
+                ex.counters.borrow_mut().reconnects += 1;
+                ex.spawn_conn(idx);
+            }
+        })
+        .detach();
     }
 
     fn fail(&self, c: &LConn, why: &str) {
@@ -408,6 +449,7 @@ impl Exec {
             ServerFrame::HelloOk { .. } => {}
             ServerFrame::LoginOk { .. } => {
                 c.ready.set(true);
+                self.retries.borrow_mut().remove(&c.idx);
                 k.logins += 1;
                 k.connected += 1;
                 k.connected_peak = k.connected_peak.max(k.connected);
@@ -421,6 +463,12 @@ impl Exec {
                 self.sh.acked.fetch_add(1, Ordering::Relaxed);
                 let (recipient, seq) = split_client_msg_id(client_msg_id);
                 self.acked.borrow_mut().push((c.idx, recipient, seq));
+                if self.sh.args.reconnect {
+                    let mut u = self.sh.unmatched.lock().unwrap_or_else(|e| e.into_inner());
+                    if !u.1.remove(&(c.idx, recipient, seq)) {
+                        u.0.insert((c.idx, recipient, seq));
+                    }
+                }
                 if let Some(t) = self.intended.borrow_mut().remove(&(c.idx, client_msg_id)) {
                     record(&self.h_ack, now_ns.saturating_sub(t) / 1000);
                 }
@@ -431,10 +479,22 @@ impl Exec {
                 ..
             } => {
                 k.delivered += 1;
-                self.sh.delivered.fetch_add(1, Ordering::Relaxed);
                 acks.push(server_msg_id);
                 match BodyHeader::decode(&body) {
                     Some(h) if h.recipient == c.idx => {
+                        // The drain waits for distinct messages: after a gateway restart,
+                        // redelivered duplicates must not stand in for missing ones.
+                        let key = (h.sender, h.recipient, h.seq);
+                        if self.seen.borrow_mut().insert(key) {
+                            self.sh.delivered.fetch_add(1, Ordering::Relaxed);
+                            if self.sh.args.reconnect {
+                                let mut u =
+                                    self.sh.unmatched.lock().unwrap_or_else(|e| e.into_inner());
+                                if !u.0.remove(&key) {
+                                    u.1.insert(key);
+                                }
+                            }
+                        }
                         self.delivered
                             .borrow_mut()
                             .push((h.sender, h.recipient, h.seq));
@@ -628,6 +688,7 @@ impl Exec {
                         break;
                     }
                     let victim = ready[self.rng.borrow_mut().usize(..ready.len())].clone();
+                    victim.retired.set(true);
                     victim.closing.set(true);
                     victim.wake();
                     let ex = self.clone();
@@ -647,7 +708,7 @@ impl Exec {
     /// to offline recipients of the same node, at most `OFFLINE_WINDOW` in flight per sender.
     async fn queue_offline(
         self: &Rc<Self>,
-        senders: &[Rc<LConn>],
+        senders: &[u32],
         recipients_by_node: &HashMap<usize, Vec<u32>>,
         count: u64,
     ) {
@@ -657,7 +718,16 @@ impl Exec {
         while sent < count && Instant::now() < deadline {
             let mut progressed = false;
             for _ in 0..senders.len() {
-                let s = &senders[i % senders.len()];
+                // The sender's current connection (`--reconnect` replaces them).
+                let Some(s) = self
+                    .conns
+                    .borrow()
+                    .get(&senders[i % senders.len()])
+                    .cloned()
+                else {
+                    i += 1;
+                    continue;
+                };
                 i += 1;
                 if !s.ready.get() || s.inflight.get() >= OFFLINE_WINDOW {
                     continue;
@@ -666,7 +736,7 @@ impl Exec {
                     continue;
                 };
                 let r = group[(sent as usize) % group.len()];
-                self.send(s, r, self.sh.now_ns());
+                self.send(&s, r, self.sh.now_ns());
                 sent += 1;
                 progressed = true;
                 if sent == count {
@@ -719,8 +789,17 @@ impl Exec {
         let sh = &self.sh;
         while t0.elapsed() < timeout {
             let acked = sh.acked.load(Ordering::Relaxed);
+            let all_delivered = if sh.args.reconnect {
+                sh.unmatched
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .0
+                    .is_empty()
+            } else {
+                sh.delivered.load(Ordering::Relaxed) >= acked
+            };
             let settled = sh.inflight.load(Ordering::Relaxed) == 0
-                && sh.delivered.load(Ordering::Relaxed) >= acked
+                && all_delivered
                 && (!want_receipts || sh.receipts.load(Ordering::Relaxed) >= acked);
             if settled {
                 break;
@@ -825,7 +904,7 @@ async fn run_exec(
             out.connect_s = t0.elapsed().as_secs_f64();
             ex.barrier().await;
             let t1 = Instant::now();
-            let senders = ex.ready_conns();
+            let senders: Vec<u32> = ex.ready_conns().iter().map(|c| c.idx).collect();
             let share = sh.args.messages / (sh.cores * num_workers()) as u64;
             if !recipients_by_node.is_empty() {
                 ex.queue_offline(&senders, &recipients_by_node, share).await;
@@ -852,6 +931,7 @@ async fn run_exec(
     }
     ex.barrier().await;
     reporter.cancel().await;
+    ex.stopping.set(true);
     for c in ex.conns.borrow().values() {
         c.closing.set(true);
         c.wake();
@@ -897,6 +977,7 @@ pub fn run(args: RunArgs, index: usize, workers: usize) -> anyhow::Result<()> {
         inflight: AtomicU64::new(0),
         acked: AtomicU64::new(0),
         delivered: AtomicU64::new(0),
+        unmatched: std::sync::Mutex::new((HashSet::new(), HashSet::new())),
         receipts: AtomicU64::new(0),
         stop: AtomicBool::new(false),
         connect_gap_ns: (1e9 * cores as f64 / per_worker_rate) as u64,
@@ -938,6 +1019,9 @@ pub fn run(args: RunArgs, index: usize, workers: usize) -> anyhow::Result<()> {
                     sh,
                     users,
                     conns: RefCell::new(HashMap::new()),
+                    stopping: Cell::new(false),
+                    seen: RefCell::new(HashSet::new()),
+                    retries: RefCell::new(HashMap::new()),
                     scratch: RefCell::new(vec![0u8; SCRATCH_BYTES]),
                     counters: RefCell::new(Counters::default()),
                     acked: RefCell::new(Vec::new()),

@@ -250,3 +250,78 @@ fn bad_options_fail_clearly() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("--src-ips"));
 }
+
+/// The crash test under load, small: chat with `--reconnect` while the gateway is killed with
+/// SIGKILL twice and restarted on the same port and data; the loss check must find every
+/// acknowledged message delivered, in order. (scripts/crash-under-load.sh is the bigger run.)
+#[test]
+fn kill_9_under_chat_load_loses_nothing_acknowledged() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let listen = format!("127.0.0.1:{port}");
+    let env = [
+        ("GATEHOUSE_SERVER__LISTEN", listen.as_str()),
+        ("GATEHOUSE_LIMITS__SEND_RATE_PER_S", "0"),
+        ("GATEHOUSE_LIMITS__CONNECT_RATE_PER_SOURCE", "0"),
+    ];
+    let mut gw = gateway(dir.path(), 0, 1, &env);
+    let report = dir.path().join("report.json");
+    let lg = Command::new(env!("CARGO_BIN_EXE_loadgen"))
+        .args([
+            "run",
+            "chat",
+            "--users",
+            "60",
+            "--rate",
+            "2000",
+            "--duration-s",
+            "6",
+        ])
+        .args([
+            "--reconnect",
+            "--cores",
+            "1",
+            "--drain-timeout-s",
+            "30",
+            "--max-run-s",
+            "90",
+        ])
+        .args(["--gateway", &listen, "--key-hex", KEY, "--report"])
+        .arg(&report)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let start = std::time::Instant::now();
+    for at_ms in [1_500u64, 3_500] {
+        let at = std::time::Duration::from_millis(at_ms);
+        std::thread::sleep(at.saturating_sub(start.elapsed()));
+        gw.child.kill().unwrap(); // SIGKILL
+        gw.child.wait().unwrap();
+        gw = gateway(dir.path(), 0, 1, &env);
+    }
+    let out = lg.wait_with_output().unwrap();
+    eprintln!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let rep: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
+    assert_eq!(out.status.code(), Some(0));
+    assert_eq!(n(&rep, "loss.lost"), 0);
+    assert_eq!(n(&rep, "loss.reordered"), 0);
+    assert!(
+        n(&rep, "loss.acked") > 2_000,
+        "too little traffic to mean anything"
+    );
+    assert!(
+        n(&rep, "counters.reconnects") >= 60,
+        "the kills did not cut the clients off"
+    );
+    drop(gw);
+}
