@@ -82,6 +82,10 @@ pub struct ServerSection {
     /// Graceful drain: GO_AWAY(shutdown) frames sent per second by the whole node, so that
     /// millions of clients do not reconnect elsewhere in one thundering herd.
     pub drain_goaway_per_s: u64,
+    /// Graceful drain: how long the node keeps accepting after it turns not-ready, ms, so that
+    /// load balancers polling `/readyz` stop sending new clients before connects are refused.
+    /// Part of `drain_deadline_ms`. 0: stop accepting at once.
+    pub drain_unready_ms: u64,
     /// Graceful drain: the node exits by this time after the drain starts, ms. Connections
     /// still open when the paced GO_AWAYs would overrun it get theirs at once.
     pub drain_deadline_ms: u64,
@@ -96,6 +100,7 @@ impl Default for ServerSection {
             backlog: 4096,
             max_connections_per_shard: 1_000_000,
             drain_goaway_per_s: 10_000,
+            drain_unready_ms: 0,
             drain_deadline_ms: 30_000,
         }
     }
@@ -557,6 +562,12 @@ impl Config {
         }
         if self.server.drain_deadline_ms == 0 {
             return Err(invalid("server.drain_deadline_ms", "must be > 0"));
+        }
+        if self.server.drain_unready_ms >= self.server.drain_deadline_ms {
+            return Err(invalid(
+                "server.drain_unready_ms",
+                "must be less than server.drain_deadline_ms",
+            ));
         }
         if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
             return Err(invalid("log.level", e.to_string()));

@@ -164,6 +164,7 @@ pub fn start(config: Config) -> anyhow::Result<ServerHandle> {
         },
         send_rate_per_s: config.limits.send_rate_per_s,
         drain_deadline_ms: config.server.drain_deadline_ms,
+        drain_unready_ms: config.server.drain_unready_ms,
         test_drop_delivery_every: test_drop_delivery_every(),
     };
 

@@ -468,3 +468,28 @@ fn json_logs_are_one_object_per_line() {
     }
     assert!(text.contains("gatehouse serving") && lines >= 2, "{text}");
 }
+
+#[test]
+fn during_the_unready_window_the_node_still_accepts_then_refuses() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = node_config(dir.path(), "drain_unready_ms = 800");
+    let (mut child, addr, admin) = spawn_node(&cfg, &dir.path().join("stderr.log"));
+    assert_eq!(http(admin, "POST", "/drain").0, 202);
+    // Not ready at once, for load balancers...
+    assert_eq!(http(admin, "GET", "/readyz"), (503, "draining\n".into()));
+    // ...while a client that was already routed here is still served (300 ms in: without the
+    // window, the listeners close within 50 ms of the drain).
+    std::thread::sleep(Duration::from_millis(300));
+    let mut late = login(addr, 77, 1);
+    late.send_message(1, UserId(78), b"made it").unwrap();
+    expect_send_ack(&mut late, 1);
+    // After the window, connects are refused.
+    std::thread::sleep(Duration::from_millis(1_200));
+    assert!(
+        gatehouse::client::Client::connect(addr, Duration::from_secs(1))
+            .and_then(|mut c| c.recv_frame())
+            .is_err(),
+        "still accepting after the unready window"
+    );
+    assert!(child.wait().unwrap().success());
+}

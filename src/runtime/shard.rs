@@ -158,6 +158,8 @@ pub struct ShardConfig {
     pub send_rate_per_s: u32,
     /// Drain: GO_AWAY frames this shard sends per second.
     pub drain_goaway_per_s: u64,
+    /// Drain: the shard keeps accepting this long after it sees the stop flag, ms.
+    pub drain_unready_ms: u64,
     /// Drain: the shard finishes this long after it sees the stop flag, ms.
     pub drain_deadline_ms: u64,
     /// Test hook, never for production: silently drop every n-th message delivery (delete it
@@ -472,8 +474,13 @@ impl Shard {
         while !shard.stop.load(Ordering::Relaxed) {
             glommio::timer::sleep(Duration::from_millis(50)).await;
         }
+        // Not ready already (readyz says so); keep accepting while load balancers notice.
+        let drain_start = Instant::now();
+        if shard.cfg.drain_unready_ms > 0 {
+            glommio::timer::sleep(Duration::from_millis(shard.cfg.drain_unready_ms)).await;
+        }
         acceptor.cancel().await;
-        shard.shutdown().await;
+        shard.shutdown(drain_start).await;
         for t in [sweeper, heartbeat, syncer, committer]
             .into_iter()
             .chain(control)
@@ -489,9 +496,9 @@ impl Shard {
     /// connections at the paced rate, everyone left at once when the pace would overrun the
     /// deadline, then commit everything pending, fsync, and give connections a moment to
     /// flush. Connections not yet told keep being served meanwhile.
-    async fn shutdown(self: &Rc<Self>) {
+    async fn shutdown(self: &Rc<Self>, drain_start: Instant) {
         let start = Instant::now();
-        let deadline = start + Duration::from_millis(self.cfg.drain_deadline_ms);
+        let deadline = drain_start + Duration::from_millis(self.cfg.drain_deadline_ms);
         // The last fifth of the deadline (at most SHUTDOWN_FLUSH_MS) is kept for the final
         // commit and sync.
         let reserve = (self.cfg.drain_deadline_ms / 5).min(limits::SHUTDOWN_FLUSH_MS);
