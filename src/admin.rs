@@ -340,7 +340,15 @@ enum HeadError {
 fn read_head(stream: &mut TcpStream) -> Result<Vec<u8>, HeadError> {
     let mut buf = Vec::with_capacity(512);
     let mut chunk = [0u8; 1024];
+    // One deadline for the whole head: a client trickling a byte at a time must not hold one
+    // of the few admin connection slots for longer than that.
+    let deadline = Instant::now() + Duration::from_millis(REQUEST_TIMEOUT_MS);
     loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(HeadError::TimedOut);
+        }
+        let _ = stream.set_read_timeout(Some(left));
         let n = match stream.read(&mut chunk) {
             Ok(n) => n,
             Err(e)

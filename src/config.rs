@@ -560,8 +560,11 @@ impl Config {
         if self.server.drain_goaway_per_s == 0 {
             return Err(invalid("server.drain_goaway_per_s", "must be > 0"));
         }
-        if self.server.drain_deadline_ms == 0 {
-            return Err(invalid("server.drain_deadline_ms", "must be > 0"));
+        if !(1..=limits::DRAIN_DEADLINE_MS_MAX).contains(&self.server.drain_deadline_ms) {
+            return Err(invalid(
+                "server.drain_deadline_ms",
+                format!("must be in 1..={} (and below the supervisor's stop timeout, e.g. systemd's TimeoutStopSec, minus 5 s)", limits::DRAIN_DEADLINE_MS_MAX),
+            ));
         }
         if self.server.drain_unready_ms >= self.server.drain_deadline_ms {
             return Err(invalid(

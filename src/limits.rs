@@ -102,5 +102,7 @@ pub const RATE_PER_S_MAX: u32 = 1_000_000;
 pub const SEND_REFUSALS_MAX: u32 = 64;
 /// With `runtime.heartbeat_ms = 0`: how often a shard polls its admin control mailbox, ms.
 pub const CONTROL_POLL_MS: u64 = 10;
+/// Longest configurable drain deadline, ms (one hour).
+pub const DRAIN_DEADLINE_MS_MAX: u64 = 3_600_000;
 /// Drain: GO_AWAY frames go out in batches this often, ms.
 pub const DRAIN_TICK_MS: u64 = 10;

@@ -374,7 +374,12 @@ fn run(cfg: &ConfigArgs, o: RunOverrides) -> anyhow::Result<()> {
             Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
         }
         if hup.swap(false, Ordering::Relaxed) {
-            reload(cfg, &loaded, &log);
+            if stop.load(Ordering::Relaxed) {
+                // Draining: systemd was told STOPPING=1, so no RELOADING/READY now.
+                tracing::warn!("SIGHUP during a drain: ignored");
+            } else {
+                reload(cfg, &loaded, &log);
+            }
         }
         if hard_deadline.is_none() && stop.load(Ordering::Relaxed) {
             let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);

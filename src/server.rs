@@ -214,6 +214,7 @@ pub fn start(config: Config) -> anyhow::Result<ServerHandle> {
         }
     }
     let stop = Arc::new(AtomicBool::new(false));
+    let drained = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let state = Arc::new(NodeState::new(stop.clone()));
     let pulses: Vec<Arc<Pulse>> = (0..shards).map(|_| Arc::new(Pulse::default())).collect();
     let nudges: Vec<Arc<Nudge>> = (0..shards).map(|_| Arc::new(Nudge::default())).collect();
@@ -240,6 +241,7 @@ pub fn start(config: Config) -> anyhow::Result<ServerHandle> {
             cfg: cfg.clone(),
             pulses: pulses.clone(),
             control,
+            drained: drained.clone(),
             stop: stop.clone(),
             nudge: nudges[i].clone(),
             ready: ready_tx.clone(),

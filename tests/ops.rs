@@ -493,3 +493,30 @@ fn during_the_unready_window_the_node_still_accepts_then_refuses() {
     );
     assert!(child.wait().unwrap().success());
 }
+
+#[test]
+fn an_admin_client_trickling_its_request_is_cut_off_at_the_head_deadline() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = common::start(common::config(dir.path()));
+    let admin = server.admin_addr.unwrap();
+    let mut s = TcpStream::connect(admin).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let start = Instant::now();
+    // One byte every 2 s: each read is within the 5 s timeout, the whole head is not.
+    let mut answer = String::new();
+    for b in b"GET /metrics HTTP/1.1\r\n".iter() {
+        if s.write_all(&[*b]).is_err() {
+            break;
+        }
+        std::thread::sleep(Duration::from_secs(2));
+        if start.elapsed() > Duration::from_secs(6) {
+            break;
+        }
+    }
+    let _ = s.read_to_string(&mut answer);
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer:?}");
+    assert!(start.elapsed() < Duration::from_secs(9));
+    // The endpoint still answers others.
+    assert_eq!(http(admin, "GET", "/healthz").0, 200);
+    server.shutdown().unwrap();
+}

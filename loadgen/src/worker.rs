@@ -279,6 +279,7 @@ impl Exec {
             Ok(s) => s,
             Err(e) => {
                 self.fail(&c, &format!("connect: {}", e.kind()));
+                self.maybe_reconnect(&c);
                 return;
             }
         };
@@ -542,6 +543,7 @@ impl Exec {
                             | ErrorCode::WrongNode
                             | ErrorCode::BodyTooLarge
                             | ErrorCode::BadRecipient
+                            | ErrorCode::RateLimited
                     )
                 ) && ref_id != 0
                 {

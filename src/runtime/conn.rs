@@ -75,7 +75,7 @@ struct ConnState {
     sends_in_flight: u32,
     send_bucket: TokenBucket,
     send_refusals: u32,
-    /// When queued output last moved (or began to wait), ms: a write stall's start.
+    /// When queued output last moved (or began to wait), monotonic ms: a write stall's start.
     out_since_ms: u64,
 }
 
@@ -116,9 +116,9 @@ impl Conn {
                 last_rx_ms: now_ms,
                 window: DeliveryWindow::default(),
                 sends_in_flight: 0,
-                send_bucket: TokenBucket::full(send_burst, now_ms),
+                send_bucket: TokenBucket::full(send_burst, super::mono_ms()),
                 send_refusals: 0,
-                out_since_ms: now_ms,
+                out_since_ms: super::mono_ms(),
             }),
             waker: RefCell::new(None),
             now_ms: Cell::new(now_ms),
@@ -176,7 +176,7 @@ impl Conn {
         if st.out_bytes == 0 {
             // The real clock, not the cached one: that is refreshed on reads, and a connection
             // parked by back-pressure is not read (its stall would start in the past).
-            st.out_since_ms = super::now_ms();
+            st.out_since_ms = super::mono_ms();
         }
         st.out_bytes += b.len();
         IO_COUNTS.with(|c| bump(&c.out_bytes_queued, b.len() as u64));
@@ -217,7 +217,7 @@ impl Conn {
     }
 
     /// How long queued output has waited without any of it being written, ms (0 if none is
-    /// queued).
+    /// queued); `now_ms` is monotonic (`runtime::mono_ms`).
     pub fn write_stalled_ms(&self, now_ms: u64) -> u64 {
         let st = self.st.borrow();
         if st.out_bytes == 0 {
@@ -381,7 +381,7 @@ impl Conn {
             if n >= 0 {
                 IO_COUNTS.with(|c| bump(&c.bytes_out, n as u64));
                 if n > 0 {
-                    st.out_since_ms = super::now_ms();
+                    st.out_since_ms = super::mono_ms();
                 }
                 Self::advance(&mut st, n as usize);
                 continue;
@@ -396,7 +396,7 @@ impl Conn {
                         Poll::Ready(Ok(n)) => {
                             IO_COUNTS.with(|c| bump(&c.bytes_out, n as u64));
                             if n > 0 {
-                                st.out_since_ms = super::now_ms();
+                                st.out_since_ms = super::mono_ms();
                             }
                             Self::advance(&mut st, n)
                         }

@@ -21,6 +21,16 @@ pub fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
+/// Monotonic milliseconds since the first call in this process: for timers that must not jump
+/// with the wall clock (write stalls, rate limits).
+pub fn mono_ms() -> u64 {
+    static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    START
+        .get_or_init(std::time::Instant::now)
+        .elapsed()
+        .as_millis() as u64
+}
+
 /// Runs `f` on the shard's blocking thread pool and returns its result.
 ///
 /// glommio 0.9.0 workaround: if the closure given to `spawn_blocking` panics, the future never

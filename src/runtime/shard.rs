@@ -41,7 +41,7 @@ use smallvec::SmallVec;
 
 use super::conn::{self, Conn};
 use super::watchdog::Pulse;
-use super::{blocking, now_ms};
+use super::{blocking, mono_ms, now_ms};
 use crate::admin::ShardControl;
 use crate::config::SyncPolicy;
 use crate::ids::{
@@ -275,6 +275,8 @@ pub struct ShardSeed {
     /// The admin endpoint's control mailbox (metrics requests in, snapshots out), if the
     /// endpoint is enabled.
     pub control: Option<ShardControl>,
+    /// Shards of the node that have finished their drain (shared by all shards).
+    pub drained: Arc<std::sync::atomic::AtomicUsize>,
     /// Set to stop the node.
     pub stop: Arc<AtomicBool>,
     /// Woken by the watchdog thread every heartbeat period.
@@ -318,6 +320,8 @@ pub struct Shard {
     pulses: Vec<Arc<Pulse>>,
     control: Option<ShardControl>,
     control_answered: Cell<u64>,
+    /// Shards of the node that have finished their drain (the drain barrier).
+    drained: Arc<std::sync::atomic::AtomicUsize>,
     stop: Arc<AtomicBool>,
     dirty: Cell<bool>,
     committing: Cell<bool>,
@@ -391,6 +395,7 @@ impl Shard {
             sources: RefCell::new(HashMap::new()),
             control: seed.control,
             control_answered: Cell::new(0),
+            drained: seed.drained,
             stop: seed.stop,
             dirty: Cell::new(false),
             committing: Cell::new(false),
@@ -481,6 +486,16 @@ impl Shard {
         }
         acceptor.cancel().await;
         shard.shutdown(drain_start).await;
+        // Stay a peer until every shard has drained: a shard that stopped its drain tasks early
+        // would leave the others' envelopes for it piling up in their outboxes (and their
+        // readers paused by that back-pressure) for the rest of their drains.
+        shard.drained.fetch_add(1, Ordering::AcqRel);
+        let wait_until_ms = shard.cfg.drain_deadline_ms + 1_000;
+        while shard.drained.load(Ordering::Acquire) < shard.shards
+            && drain_start.elapsed() < Duration::from_millis(wait_until_ms)
+        {
+            glommio::timer::sleep(Duration::from_millis(5)).await;
+        }
         for t in [sweeper, heartbeat, syncer, committer]
             .into_iter()
             .chain(control)
@@ -505,7 +520,14 @@ impl Shard {
         let pace_until = deadline - Duration::from_millis(reserve);
         // One snapshot of the connections, walked in order: O(1) per GO_AWAY even at a
         // million connections. Hand-overs adopted meanwhile are caught by the final sweep.
-        let conns: Vec<Rc<Conn>> = self.conns.borrow().iter().map(|(_, c)| c.clone()).collect();
+        // Weak: a connection that ends meanwhile must be freed (with its queued output, which
+        // counts against the shard's outbound budget), not kept alive by this list.
+        let conns: Vec<std::rc::Weak<Conn>> = self
+            .conns
+            .borrow()
+            .iter()
+            .map(|(_, c)| Rc::downgrade(c))
+            .collect();
         let total = conns.len();
         let mut next = 0;
         while next < conns.len() {
@@ -517,9 +539,9 @@ impl Shard {
             } else {
                 (allowed.saturating_sub(next as u128) as usize).min(conns.len() - next)
             };
-            for c in &conns[next..next + n] {
+            for c in conns[next..next + n].iter().filter_map(|w| w.upgrade()) {
                 if !c.is_closing() && !c.is_handing_over() {
-                    self.go_away(c, GoAwayReason::Shutdown, "server shutting down");
+                    self.go_away(&c, GoAwayReason::Shutdown, "server shutting down");
                 }
             }
             next += n;
@@ -822,7 +844,7 @@ impl Shard {
             } => {
                 let rate = self.cfg.send_rate_per_s;
                 if rate > 0 {
-                    if let Err(refused) = conn.charge_send(now_ms, rate, self.send_burst()) {
+                    if let Err(refused) = conn.charge_send(mono_ms(), rate, self.send_burst()) {
                         bump(&self.stats.sends_rate_limited, 1);
                         if refused > limits::SEND_REFUSALS_MAX {
                             conn.push_frame(&ServerFrame::Error {
@@ -1430,9 +1452,10 @@ impl Shard {
             self.wake_paused();
             // Forget sources that have been quiet long enough for their bucket to refill.
             let rate = self.cfg.connect_rate_per_source;
+            let mono = mono_ms();
             self.sources
                 .borrow_mut()
-                .retain(|_, b| !b.is_full(now, rate, rate));
+                .retain(|_, b| !b.is_full(mono, rate, rate));
             let conns: Vec<Rc<Conn>> = self.conns.borrow().iter().map(|(_, c)| c.clone()).collect();
             for c in conns {
                 if let Some(closing_since) = c.closing_since() {
@@ -1449,7 +1472,7 @@ impl Shard {
                         c.push_frame(&frame);
                     }
                     c.close_as(CloseReason::LoginTimeout);
-                } else if let Some(stalled) = Some(c.write_stalled_ms(now))
+                } else if let Some(stalled) = Some(c.write_stalled_ms(mono))
                     .filter(|ms| *ms >= self.cfg.write_stall_timeout_ms)
                 {
                     // It has stopped reading: what it was sent stays in the store for its next
@@ -1493,7 +1516,7 @@ impl Shard {
                     }
                     let now = now_ms();
                     let source = stream.peer_addr().map(|a| a.ip());
-                    if source.is_ok_and(|ip| !self.admit_source(ip, now)) {
+                    if source.is_ok_and(|ip| !self.admit_source(ip, mono_ms())) {
                         bump(&self.stats.conns_rate_limited, 1);
                         let frame = ServerFrame::Error {
                             code: ErrorCode::RateLimited as u16,
