@@ -215,9 +215,32 @@ pub const LATENCY_BOUNDS_US: [u64; 16] = [
     1_000_000, 2_500_000, 5_000_000, 10_000_000,
 ];
 /// Histogram bucket bounds for ops per group commit.
-pub const BATCH_BOUNDS: [u64; 12] = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096];
+pub const BATCH_BOUNDS: [u64; 13] = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096, 16384];
+const _: () =
+    assert!(BATCH_BOUNDS[BATCH_BOUNDS.len() - 1] as usize >= crate::limits::COMMIT_OPS_MAX);
 
 type Fam<'a> = &'a [(u16, &'a ShardSnapshot)];
+
+/// One series per shard of a counter or a gauge, labelled `shard`.
+fn per_shard(
+    enc: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    ty: MetricType,
+    shards: Fam,
+    f: impl Fn(&ShardSnapshot) -> u64,
+) -> std::fmt::Result {
+    let mut m = enc.encode_descriptor(name, help, None, ty)?;
+    for (id, s) in shards {
+        let labels = [("shard", id.to_string())];
+        let series = m.encode_family(&labels)?;
+        match ty {
+            MetricType::Counter => ConstCounter::new(f(s)).encode(series)?,
+            _ => ConstGauge::new(f(s) as i64).encode(series)?,
+        }
+    }
+    Ok(())
+}
 
 fn counter(
     enc: &mut DescriptorEncoder,
@@ -226,12 +249,7 @@ fn counter(
     shards: Fam,
     f: impl Fn(&ShardSnapshot) -> u64,
 ) -> std::fmt::Result {
-    let mut m = enc.encode_descriptor(name, help, None, MetricType::Counter)?;
-    for (id, s) in shards {
-        let labels = [("shard", id.to_string())];
-        ConstCounter::new(f(s)).encode(m.encode_family(&labels)?)?;
-    }
-    Ok(())
+    per_shard(enc, name, help, MetricType::Counter, shards, f)
 }
 
 fn gauge(
@@ -241,12 +259,7 @@ fn gauge(
     shards: Fam,
     f: impl Fn(&ShardSnapshot) -> u64,
 ) -> std::fmt::Result {
-    let mut m = enc.encode_descriptor(name, help, None, MetricType::Gauge)?;
-    for (id, s) in shards {
-        let labels = [("shard", id.to_string())];
-        ConstGauge::new(f(s) as i64).encode(m.encode_family(&labels)?)?;
-    }
-    Ok(())
+    per_shard(enc, name, help, MetricType::Gauge, shards, f)
 }
 
 /// `b`'s buckets with their bounds in units of `per` (1e6 turns µs into seconds), and the
