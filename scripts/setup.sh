@@ -1,13 +1,21 @@
 #!/usr/bin/env bash
 # Installs what a fresh machine lacks to build and test Gatehouse. Idempotent; prints what it
-# did. Needs: a Rust toolchain (cargo), a C compiler (glommio builds its bundled liburing),
-# git (glommio's build script calls it), and a Linux kernel with io_uring (5.8+).
+# did. Needs: a Rust toolchain (cargo), a C compiler (glommio builds its bundled liburing, and
+# aws-lc-rs builds AWS-LC for rustls), git (glommio's build script calls it), a Linux kernel
+# with io_uring (5.8+), and, for the browser test only, Chromium (Debian's `chromium`).
+# `--no-browser` skips Chromium (for machines that only run the gateway).
 set -euo pipefail
 
+browser=1
+[ "${1:-}" = "--no-browser" ] && browser=0
 missing=()
 command -v cc >/dev/null 2>&1 || missing+=(gcc)
 command -v git >/dev/null 2>&1 || missing+=(git)
 command -v make >/dev/null 2>&1 || missing+=(make)
+if [ "$browser" = 1 ] && ! command -v chromium >/dev/null 2>&1 \
+  && ! command -v chromium-browser >/dev/null 2>&1 && [ -z "${GATEHOUSE_CHROMIUM:-}" ]; then
+  missing+=(chromium)
+fi
 if ((${#missing[@]})); then
   if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
     echo "setup: installing ${missing[*]} with apt-get"

@@ -1,4 +1,5 @@
-//! The admin endpoint: `GET /metrics`, `GET /healthz`, `GET /readyz`, `POST /drain`.
+//! The admin endpoint: `GET /metrics`, `GET /healthz`, `GET /readyz`, `POST /drain`,
+//! `POST /reload-tls`.
 //!
 //! Control plane, kept off the data plane: it runs on its own plain threads (not pinned, so
 //! it never takes a shard's core for itself) with its own listener, loopback by default since
@@ -116,6 +117,8 @@ struct Admin {
     /// (beats, when seen) per shard, for `/healthz`.
     beats_seen: Mutex<Vec<(u64, Instant)>>,
     open: AtomicUsize,
+    /// The node's TLS context, for `POST /reload-tls`.
+    tls: Option<Arc<crate::transport::TlsContext>>,
 }
 
 /// Starts the admin endpoint on its own thread; it serves until `state.exited` is set.
@@ -129,6 +132,7 @@ pub fn spawn(
     links: Vec<ShardLink>,
     state: Arc<NodeState>,
     pulses: Vec<Arc<Pulse>>,
+    tls: Option<Arc<crate::transport::TlsContext>>,
 ) -> std::io::Result<std::thread::JoinHandle<()>> {
     let now = Instant::now();
     let admin = Arc::new(Admin {
@@ -142,6 +146,7 @@ pub fn spawn(
         state,
         pulses,
         open: AtomicUsize::new(0),
+        tls,
     });
     std::thread::Builder::new()
         .name("gatehouse-admin".into())
@@ -231,7 +236,7 @@ impl Admin {
         let method = req.method.unwrap_or("");
         let path = req.path.unwrap_or("").split('?').next().unwrap_or("");
         let text = "text/plain; charset=utf-8";
-        let endpoints = "GET /metrics, /healthz, /readyz; POST /drain";
+        let endpoints = "GET /metrics, /healthz, /readyz; POST /drain, /reload-tls";
         match (method, path) {
             ("GET", "/metrics") => (
                 200,
@@ -257,7 +262,15 @@ impl Admin {
                 }
                 (202, text, "draining\n".into())
             }
-            (_, "/metrics" | "/healthz" | "/readyz" | "/drain") => (
+            ("POST", "/reload-tls") => match crate::server::reload_tls(self.tls.as_deref()) {
+                Ok(summary) => (200, text, format!("reloaded: {summary}\n")),
+                Err(e) => (
+                    409,
+                    text,
+                    format!("reload refused, the current certificate stays: {e:#}\n"),
+                ),
+            },
+            (_, "/metrics" | "/healthz" | "/readyz" | "/drain" | "/reload-tls") => (
                 405,
                 text,
                 format!("{method} is not allowed on {path} ({endpoints})\n"),

@@ -267,6 +267,65 @@ impl Default for AdminSection {
     }
 }
 
+/// `[tls]`: the TLS listener, and the certificate it and a `wss` WebSocket listener use.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TlsSection {
+    /// Serve the TLS listener.
+    pub enabled: bool,
+    /// Address of every shard's SO_REUSEPORT TLS listener.
+    pub listen: SocketAddr,
+    /// PEM certificate chain, leaf first. Re-read on SIGHUP and `POST /reload-tls`.
+    pub cert_file: PathBuf,
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1) of the leaf certificate.
+    pub key_file: PathBuf,
+    /// Key-exchange groups, most preferred first (`x25519`, `secp256r1`, `secp384r1`,
+    /// `x25519mlkem768`, ...). A client that offers a key share for a group in the list gets
+    /// it without a second round trip.
+    pub kx_groups: Vec<String>,
+    /// Protocol versions: `"1.3"` and/or `"1.2"`.
+    pub versions: Vec<String>,
+    /// Stateless session tickets, so that a reconnecting client resumes without a full
+    /// handshake (no certificate signature; TLS 1.3 still does a fresh key exchange).
+    pub session_tickets: bool,
+}
+
+impl Default for TlsSection {
+    fn default() -> Self {
+        TlsSection {
+            enabled: false,
+            listen: "127.0.0.1:7443".parse().expect("valid literal"),
+            cert_file: PathBuf::from("certs/server.pem"),
+            key_file: PathBuf::from("certs/server.key"),
+            kx_groups: vec!["x25519".into(), "secp256r1".into(), "x25519mlkem768".into()],
+            versions: vec!["1.3".into(), "1.2".into()],
+            session_tickets: true,
+        }
+    }
+}
+
+/// `[websocket]`: the WebSocket listener for browsers.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct WebSocketSection {
+    /// Serve the WebSocket listener.
+    pub enabled: bool,
+    /// Address of every shard's SO_REUSEPORT WebSocket listener.
+    pub listen: SocketAddr,
+    /// Terminate TLS on it (`wss://`), with the certificate of `[tls]`.
+    pub tls: bool,
+}
+
+impl Default for WebSocketSection {
+    fn default() -> Self {
+        WebSocketSection {
+            enabled: false,
+            listen: "127.0.0.1:7480".parse().expect("valid literal"),
+            tls: false,
+        }
+    }
+}
+
 /// Log line format.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -317,6 +376,10 @@ pub struct Config {
     pub admin: AdminSection,
     /// Logging.
     pub log: LogSection,
+    /// TLS listener and certificate.
+    pub tls: TlsSection,
+    /// WebSocket listener.
+    pub websocket: WebSocketSection,
 }
 
 /// Prefix of environment overrides; `__` separates the section from the key.
@@ -581,6 +644,46 @@ impl Config {
                 "must be < cluster.nodes (and nodes > 0)",
             ));
         }
+        if self.tls.enabled || (self.websocket.enabled && self.websocket.tls) {
+            if self.tls.versions.is_empty()
+                || self.tls.versions.iter().any(|v| v != "1.3" && v != "1.2")
+            {
+                return Err(invalid(
+                    "tls.versions",
+                    "a non-empty list of \"1.3\" and/or \"1.2\"",
+                ));
+            }
+            if self.tls.kx_groups.is_empty() {
+                return Err(invalid("tls.kx_groups", "needs at least one group"));
+            }
+            let known = crate::transport::tls::kx_group_names();
+            if let Some(g) = self
+                .tls
+                .kx_groups
+                .iter()
+                .find(|g| !known.contains(&g.to_ascii_lowercase()))
+            {
+                return Err(invalid(
+                    "tls.kx_groups",
+                    format!("unknown group `{g}`; known: {}", known.join(", ")),
+                ));
+            }
+        }
+        let mut listeners = vec![("server.listen", self.server.listen)];
+        if self.tls.enabled {
+            listeners.push(("tls.listen", self.tls.listen));
+        }
+        if self.websocket.enabled {
+            listeners.push(("websocket.listen", self.websocket.listen));
+        }
+        for (i, (key, addr)) in listeners.iter().enumerate() {
+            if let Some((other, _)) = listeners[..i]
+                .iter()
+                .find(|(_, a)| a.port() != 0 && a == addr)
+            {
+                return Err(invalid(key, format!("{addr} is also {other}")));
+            }
+        }
         if let Some(k) = &self.auth.key_hex {
             crate::auth::parse_key_hex(k, "auth.key_hex")
                 .map_err(|e| invalid("auth.key_hex", e.to_string()))?;
@@ -649,6 +752,43 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("auth.key_hex"));
+    }
+
+    #[test]
+    fn tls_and_websocket_settings_are_checked() {
+        let bad = |text: &str, key: &str| {
+            let e = Config::from_toml(text, "t")
+                .unwrap()
+                .validate()
+                .unwrap_err();
+            assert!(e.to_string().contains(key), "{e}");
+        };
+        bad(
+            "[tls]\nenabled = true\nversions = [\"1.1\"]\n",
+            "tls.versions",
+        );
+        bad("[tls]\nenabled = true\nkx_groups = []\n", "tls.kx_groups");
+        bad(
+            "[tls]\nenabled = true\nkx_groups = [\"x448\"]\n",
+            "x25519mlkem768",
+        );
+        bad(
+            "[websocket]\nenabled = true\ntls = true\n[tls]\nversions = []\n",
+            "tls.versions",
+        );
+        bad(
+            "[tls]\nenabled = true\nlisten = \"127.0.0.1:7400\"\n",
+            "tls.listen",
+        );
+        // Disabled sections are not checked; case does not matter in group names.
+        Config::from_toml("[tls]\nkx_groups = []\n", "t")
+            .unwrap()
+            .validate()
+            .unwrap();
+        Config::from_toml("[tls]\nenabled = true\nkx_groups = [\"X25519\"]\n", "t")
+            .unwrap()
+            .validate()
+            .unwrap();
     }
 
     fn env(pairs: &[(&str, &str)]) -> impl Iterator<Item = (String, String)> {

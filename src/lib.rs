@@ -7,6 +7,7 @@
 //! - [`session`]: the connection state machine (handshake → login → active). No I/O.
 //! - [`store`]: per-shard LMDB queues. Blocking; called off the reactor.
 //! - [`config`]: the control plane, parsed and validated once.
+//! - [`transport`]: TLS (rustls, unbuffered) and WebSocket layers under the protocol. No I/O.
 //! - [`runtime`]: glommio shards, listeners, connections, routing, group commit, watchdog.
 //!   The only layer that touches sockets or reads the clock.
 //! - [`server`]: starts a node (all shards) and hands back a handle.
@@ -27,3 +28,4 @@ pub mod runtime;
 pub mod server;
 pub mod session;
 pub mod store;
+pub mod transport;

@@ -110,3 +110,22 @@ pub const CONTROL_POLL_MS: u64 = 10;
 pub const DRAIN_DEADLINE_MS_MAX: u64 = 3_600_000;
 /// Drain: GO_AWAY frames go out in batches this often, ms.
 pub const DRAIN_TICK_MS: u64 = 10;
+
+/// rustls states handled for one chunk of input (or one encryption) at most: each state
+/// consumes input, emits output or stops, so this only guards against a library bug looping.
+pub const TLS_STATES_PER_INPUT_MAX: usize = 256;
+/// Longest header of a server WebSocket frame (unmasked, 64-bit length).
+pub const WS_HEADER_BYTES_MAX: usize = 10;
+/// Longest header of a client WebSocket frame (masked, 64-bit length).
+pub const WS_HEADER_BYTES_MAX_CLIENT: usize = 14;
+/// Largest control-frame payload (RFC 6455 5.5).
+pub const WS_CONTROL_PAYLOAD_MAX: usize = 125;
+/// Largest payload of one client WebSocket data frame: a frame carries at most one maximum
+/// protocol frame plus some of the next, and payloads stream through without being held.
+pub const WS_FRAME_PAYLOAD_MAX: u64 = 2 * FRAME_BYTES_MAX_CEILING as u64;
+/// The WebSocket subprotocol name echoed back when a client offers it.
+pub const WS_SUBPROTOCOL: &str = "gatehouse.v1";
+/// Bytes of application data encrypted into TLS records per write at most.
+pub const TLS_WRITE_PLAIN_BYTES_MAX: usize = 64 * 1024;
+
+const _: () = assert!(WS_HEADER_BYTES_MAX < WS_HEADER_BYTES_MAX_CLIENT);

@@ -59,6 +59,13 @@ struct ClientArgs {
     /// Login token (default: minted with the configured key, valid 1 h).
     #[arg(long)]
     token: Option<String>,
+    /// Connect with TLS, trusting the CA certificate(s) in this PEM file (default address:
+    /// tls.listen from the configuration).
+    #[arg(long)]
+    tls_ca: Option<PathBuf>,
+    /// Name the server's certificate must carry, with --tls-ca.
+    #[arg(long, default_value = "localhost")]
+    tls_server_name: String,
 }
 
 #[derive(Subcommand)]
@@ -192,8 +199,18 @@ fn init_logging(config: &Config) -> LogReload {
 }
 
 /// SIGHUP: re-reads the configuration (file and environment) and applies what can change
-/// while running: the log filter. Says what it reloaded and what needs a restart.
-fn reload(cfg: &ConfigArgs, running: &Config, log: &LogReload) {
+/// while running: the log filter and the TLS certificate (re-read from its files). Says what
+/// it reloaded and what needs a restart.
+fn reload(
+    cfg: &ConfigArgs,
+    running: &Config,
+    log: &LogReload,
+    tls: Option<&gatehouse::transport::TlsContext>,
+) {
+    if tls.is_some() {
+        // Logs its own outcome; a bad new certificate leaves the current one serving.
+        let _ = gatehouse::server::reload_tls(tls);
+    }
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Reloading]);
     match load(cfg).and_then(|c| c.validate().map(|()| c).map_err(Into::into)) {
         Err(e) => {
@@ -206,7 +223,7 @@ fn reload(cfg: &ConfigArgs, running: &Config, log: &LogReload) {
                 Err(e) => tracing::error!(error = %e, "SIGHUP: log filter not reloaded"),
             }
             let mut restart = Vec::new();
-            let sections: [(&str, bool); 8] = [
+            let sections: [(&str, bool); 10] = [
                 ("server", new.server != running.server),
                 ("runtime", new.runtime != running.runtime),
                 ("limits", new.limits != running.limits),
@@ -215,6 +232,8 @@ fn reload(cfg: &ConfigArgs, running: &Config, log: &LogReload) {
                 ("cluster", new.cluster != running.cluster),
                 ("admin", new.admin != running.admin),
                 ("log.format", new.log.format != running.log.format),
+                ("tls", new.tls != running.tls),
+                ("websocket", new.websocket != running.websocket),
             ];
             for (name, changed) in sections {
                 if changed {
@@ -347,9 +366,19 @@ fn run(cfg: &ConfigArgs, o: RunOverrides) -> anyhow::Result<()> {
     // One write for the banner lines, errors ignored: a parent that reads the first line and
     // closes the pipe must not make a later print fail (and the panic hook abort).
     let mut banner = format!("gatehouse listening on {}\n", handle.local_addr);
+    if let Some(a) = handle.tls_addr {
+        banner.push_str(&format!("gatehouse tls listening on {a}\n"));
+    }
+    if let Some(a) = handle.ws_addr {
+        let scheme = if loaded.websocket.tls { "wss" } else { "ws" };
+        banner.push_str(&format!(
+            "gatehouse websocket listening on {scheme}://{a}/\n"
+        ));
+    }
     if let Some(a) = handle.admin_addr {
         banner.push_str(&format!("gatehouse admin on http://{a}\n"));
     }
+    let tls = handle.tls_context();
     {
         use std::io::Write as _;
         let mut out = std::io::stdout().lock();
@@ -378,7 +407,7 @@ fn run(cfg: &ConfigArgs, o: RunOverrides) -> anyhow::Result<()> {
                 // Draining: systemd was told STOPPING=1, so no RELOADING/READY now.
                 tracing::warn!("SIGHUP during a drain: ignored");
             } else {
-                reload(cfg, &loaded, &log);
+                reload(cfg, &loaded, &log, tls.as_deref());
             }
         }
         if hard_deadline.is_none() && stop.load(Ordering::Relaxed) {
@@ -411,7 +440,12 @@ const DRAIN_GRACE_MS: u64 = 5_000;
 fn client_login(cfg: &ConfigArgs, who: &ClientArgs) -> anyhow::Result<gatehouse::client::Client> {
     let config = load(cfg)?;
     config.validate()?;
-    let mut addr = who.server.unwrap_or(config.server.listen);
+    let default_addr = if who.tls_ca.is_some() {
+        config.tls.listen
+    } else {
+        config.server.listen
+    };
+    let mut addr = who.server.unwrap_or(default_addr);
     if addr.ip().is_unspecified() {
         addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
     }
@@ -424,13 +458,23 @@ fn client_login(cfg: &ConfigArgs, who: &ClientArgs) -> anyhow::Result<gatehouse:
                 .mint(UserId(who.user), DeviceId(who.device), expiry)
         }
     };
-    gatehouse::client::Client::login(
-        addr,
-        UserId(who.user),
-        DeviceId(who.device),
-        &token,
-        std::time::Duration::from_secs(10),
-    )
+    let timeout = std::time::Duration::from_secs(10);
+    (|| {
+        let mut c = match &who.tls_ca {
+            Some(ca) => {
+                let tls = gatehouse::client::TlsClientConfig::from_ca_file(
+                    ca,
+                    &who.tls_server_name,
+                    &[],
+                    0,
+                )?;
+                gatehouse::client::Client::connect_tls(addr, &tls, timeout)?
+            }
+            None => gatehouse::client::Client::connect(addr, timeout)?,
+        };
+        c.log_in(UserId(who.user), DeviceId(who.device), &token)?;
+        Ok::<_, gatehouse::client::ClientError>(c)
+    })()
     .with_context(|| {
         format!(
             "logging in to {addr} as user {} device {}",

@@ -42,11 +42,17 @@ pub enum CloseReason {
     Internal,
     /// Over a rate limit: kept sending past the SEND limit.
     RateLimited,
+    /// TLS failed: not TLS (a plaintext client on a TLS port), a bad handshake, an alert.
+    Tls,
+    /// WebSocket failed: not an upgrade request, or a framing violation.
+    WebSocket,
+    /// The TLS handshake or WebSocket upgrade did not finish within the login timeout.
+    HandshakeTimeout,
 }
 
 impl CloseReason {
     /// Every reason, in counter order.
-    pub const ALL: [CloseReason; 11] = [
+    pub const ALL: [CloseReason; 14] = [
         CloseReason::Peer,
         CloseReason::Io,
         CloseReason::Protocol,
@@ -58,6 +64,9 @@ impl CloseReason {
         CloseReason::Shutdown,
         CloseReason::Internal,
         CloseReason::RateLimited,
+        CloseReason::Tls,
+        CloseReason::WebSocket,
+        CloseReason::HandshakeTimeout,
     ];
 
     /// Label value.
@@ -74,6 +83,9 @@ impl CloseReason {
             CloseReason::Shutdown => "shutdown",
             CloseReason::Internal => "internal",
             CloseReason::RateLimited => "rate_limited",
+            CloseReason::Tls => "tls_error",
+            CloseReason::WebSocket => "websocket_error",
+            CloseReason::HandshakeTimeout => "handshake_timeout",
         }
     }
 }
@@ -149,6 +161,12 @@ pub struct ShardSnapshot {
     /// Connections from new source addresses not rate-limited because the shard's table was
     /// full.
     pub sources_untracked: u64,
+    /// TLS handshakes completed in full (certificate signature).
+    pub tls_handshakes_full: u64,
+    /// TLS handshakes completed by resuming a session (ticket).
+    pub tls_handshakes_resumed: u64,
+    /// WebSocket upgrades completed.
+    pub ws_upgrades: u64,
     /// Outbound bytes queued on the shard's connections now (the memory budget's gauge).
     pub outbound_bytes_queued: u64,
     /// Group commit latency, µs, at [`LATENCY_BOUNDS_US`].
@@ -501,6 +519,27 @@ impl prometheus_client::collector::Collector for Snapshots {
             f,
             |s| s.sources_untracked,
         )?;
+        counter(
+            e,
+            "tls_handshakes_full",
+            "TLS handshakes completed in full (with a certificate signature)",
+            f,
+            |s| s.tls_handshakes_full,
+        )?;
+        counter(
+            e,
+            "tls_handshakes_resumed",
+            "TLS handshakes completed by resuming a session ticket",
+            f,
+            |s| s.tls_handshakes_resumed,
+        )?;
+        counter(
+            e,
+            "websocket_upgrades",
+            "WebSocket upgrades completed",
+            f,
+            |s| s.ws_upgrades,
+        )?;
         gauge(
             e,
             "outbound_bytes_queued",
@@ -619,6 +658,9 @@ mod tests {
             conns_rate_limited: 0,
             sends_rate_limited: 0,
             sources_untracked: 0,
+            tls_handshakes_full: 0,
+            tls_handshakes_resumed: 0,
+            ws_upgrades: 0,
             outbound_bytes_queued: 0,
             commit_us: Buckets::default(),
             commit_ops: Buckets::default(),

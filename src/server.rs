@@ -21,6 +21,8 @@ use crate::runtime::shard::{Batch, Shard, ShardConfig, ShardSeed};
 use crate::runtime::watchdog::{self, Nudge, Pulse};
 use crate::session::SessionParams;
 use crate::store::{QueueLimits, Store};
+use crate::transport::tls::CertSummary;
+use crate::transport::{ListenerKind, TlsContext};
 
 /// A running node.
 pub struct ServerHandle {
@@ -28,6 +30,11 @@ pub struct ServerHandle {
     pub local_addr: SocketAddr,
     /// Address of the admin endpoint, when enabled.
     pub admin_addr: Option<SocketAddr>,
+    /// Address of the TLS listener, when enabled.
+    pub tls_addr: Option<SocketAddr>,
+    /// Address of the WebSocket listener, when enabled (`wss` when `websocket.tls`).
+    pub ws_addr: Option<SocketAddr>,
+    tls: Option<Arc<TlsContext>>,
     state: Arc<NodeState>,
     admin: Option<std::thread::JoinHandle<()>>,
     stop: Arc<AtomicBool>,
@@ -48,6 +55,17 @@ impl ServerHandle {
     /// Readiness and drain state (shared with the admin endpoint).
     pub fn state(&self) -> Arc<NodeState> {
         self.state.clone()
+    }
+
+    /// Re-reads the TLS certificate and key (SIGHUP, `POST /reload-tls`). New handshakes use
+    /// the new certificate; on error the old one stays and the error says why.
+    pub fn reload_tls(&self) -> anyhow::Result<CertSummary> {
+        reload_tls(self.tls.as_deref())
+    }
+
+    /// The node's TLS context (for reloading from elsewhere), when TLS is configured.
+    pub fn tls_context(&self) -> Option<Arc<TlsContext>> {
+        self.tls.clone()
     }
 
     /// Per-shard progress counters (heartbeats, envelopes, stalls).
@@ -125,6 +143,23 @@ fn test_drop_delivery_every() -> u64 {
     every
 }
 
+/// Reloads the certificate of `tls`, logging the outcome.
+pub fn reload_tls(tls: Option<&TlsContext>) -> anyhow::Result<CertSummary> {
+    let Some(ctx) = tls else {
+        bail!("TLS is not configured (no [tls] or wss listener)");
+    };
+    match ctx.reload() {
+        Ok(summary) => {
+            tracing::info!(%summary, "TLS certificate reloaded; new handshakes use it");
+            Ok(summary)
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "TLS certificate reload refused; the current certificate stays");
+            Err(e.into())
+        }
+    }
+}
+
 /// Starts a node on `config`; returns once every shard is serving.
 pub fn start(config: Config) -> anyhow::Result<ServerHandle> {
     config.validate()?;
@@ -179,9 +214,42 @@ pub fn start(config: Config) -> anyhow::Result<ServerHandle> {
         )?;
         opened.push(o);
     }
-    let (listeners, local_addr) =
-        bind_reuseport(config.server.listen, shards, config.server.backlog)
-            .with_context(|| format!("binding {}", config.server.listen))?;
+    let tls = if config.tls.enabled || (config.websocket.enabled && config.websocket.tls) {
+        let (ctx, summary) = TlsContext::new(&config.tls).context("setting up TLS")?;
+        tracing::info!(%summary, groups = ?config.tls.kx_groups, versions = ?config.tls.versions, tickets = config.tls.session_tickets, "TLS certificate loaded");
+        Some(Arc::new(ctx))
+    } else {
+        None
+    };
+    let mut kinds = vec![(ListenerKind::Tcp, config.server.listen)];
+    if config.tls.enabled {
+        kinds.push((ListenerKind::Tls, config.tls.listen));
+    }
+    if config.websocket.enabled {
+        let kind = if config.websocket.tls {
+            ListenerKind::Wss
+        } else {
+            ListenerKind::Ws
+        };
+        kinds.push((kind, config.websocket.listen));
+    }
+    // Per shard: one socket per listener kind.
+    let mut listeners: Vec<Vec<(std::os::fd::OwnedFd, ListenerKind)>> =
+        (0..shards).map(|_| Vec::new()).collect();
+    let mut bound = Vec::new();
+    for (kind, addr) in kinds {
+        let (fds, at) = bind_reuseport(addr, shards, config.server.backlog)
+            .with_context(|| format!("binding the {} listener {addr}", kind.name()))?;
+        for (i, fd) in fds.into_iter().enumerate() {
+            listeners[i].push((fd, kind));
+        }
+        bound.push((kind, at));
+    }
+    let addr_of =
+        |want: fn(ListenerKind) -> bool| bound.iter().find(|(k, _)| want(*k)).map(|(_, a)| *a);
+    let local_addr = addr_of(|k| k == ListenerKind::Tcp).expect("the TCP listener is bound");
+    let tls_addr = addr_of(|k| k == ListenerKind::Tls);
+    let ws_addr = addr_of(|k| k.websocket());
 
     // One SPSC channel per ordered pair of shards.
     let mut senders: Vec<Vec<Option<SharedSender<Batch>>>> = (0..shards)
@@ -232,7 +300,8 @@ pub fn start(config: Config) -> anyhow::Result<ServerHandle> {
         let seed = ShardSeed {
             id: ShardId(i as u16),
             shards,
-            listener,
+            listeners: listener,
+            tls: tls.clone(),
             store: o.store,
             epoch: o.epoch,
             senders,
@@ -290,17 +359,20 @@ pub fn start(config: Config) -> anyhow::Result<ServerHandle> {
     );
     let (admin, admin_addr) = match admin_listener {
         Some((l, addr)) => {
-            let h = admin::spawn(l, links, state.clone(), pulses.clone())
+            let h = admin::spawn(l, links, state.clone(), pulses.clone(), tls.clone())
                 .context("starting the admin thread")?;
             (Some(h), Some(addr))
         }
         None => (None, None),
     };
     state.ready.store(true, Ordering::Relaxed);
-    tracing::info!(%local_addr, admin = ?admin_addr, shards, data_dir = %config.store.data_dir.display(), sync = ?config.store.sync, "gatehouse serving");
+    tracing::info!(%local_addr, tls = ?tls_addr, websocket = ?ws_addr, admin = ?admin_addr, shards, data_dir = %config.store.data_dir.display(), sync = ?config.store.sync, "gatehouse serving");
     Ok(ServerHandle {
         local_addr,
         admin_addr,
+        tls_addr,
+        ws_addr,
+        tls,
         state,
         admin,
         stop,

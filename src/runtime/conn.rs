@@ -14,7 +14,7 @@ use std::pin::Pin;
 use std::rc::Rc;
 use std::task::{Context, Poll, Waker};
 
-use bytes::{Bytes, BytesMut};
+use bytes::{Buf, Bytes, BytesMut};
 use futures_lite::future::poll_fn;
 use futures_lite::{AsyncRead, AsyncWrite};
 use glommio::net::TcpStream;
@@ -29,6 +29,7 @@ use crate::ratelimit::TokenBucket;
 use crate::session::{
     protocol_error, DeliveryWindow, Handshake, InFlight, Phase, SessionParams, Step,
 };
+use crate::transport::{ws, Layers};
 
 /// Wire counters of the shard that runs on this thread. Each shard is one thread, so these
 /// are the shard's own plain counters (no atomics), read by its metrics snapshot.
@@ -77,6 +78,41 @@ struct ConnState {
     send_refusals: u32,
     /// When queued output last moved (or began to wait), monotonic ms: a write stall's start.
     out_since_ms: u64,
+    /// TLS and WebSocket state; `None` on plain TCP (which then costs nothing for them).
+    /// `out` holds protocol bytes (already in WebSocket frames); `layers.wire_out` holds bytes
+    /// for the socket. `out_bytes` counts both.
+    layers: Option<Box<Layers>>,
+}
+
+impl ConnState {
+    /// Counts `n` bytes newly added to `layers.wire_out` as queued output.
+    fn wire_added(&mut self, n: usize) {
+        if n == 0 {
+            return;
+        }
+        if self.out_bytes == 0 {
+            self.out_since_ms = super::mono_ms();
+        }
+        self.out_bytes += n;
+        IO_COUNTS.with(|c| bump(&c.out_bytes_queued, n as u64));
+    }
+
+    /// Counts `n` bytes of `layers.wire_out` as written.
+    fn wire_sent(&mut self, n: usize) {
+        if let Some(l) = &mut self.layers {
+            l.wire_written(n);
+        }
+        self.out_bytes -= n;
+        IO_COUNTS.with(|c| c.out_bytes_queued.set(c.out_bytes_queued.get() - n as u64));
+        if n > 0 {
+            self.out_since_ms = super::mono_ms();
+        }
+    }
+
+    /// Whether protocol frames can go out now (always on plain TCP).
+    fn transport_ready(&self) -> bool {
+        self.layers.as_ref().is_none_or(|l| l.ready())
+    }
 }
 
 /// One connection's shard-local state, shared between its I/O task and the shard (which
@@ -119,6 +155,7 @@ impl Conn {
                 send_bucket: TokenBucket::full(send_burst, super::mono_ms()),
                 send_refusals: 0,
                 out_since_ms: super::mono_ms(),
+                layers: None,
             }),
             waker: RefCell::new(None),
             now_ms: Cell::new(now_ms),
@@ -185,7 +222,7 @@ impl Conn {
         self.wake();
     }
 
-    /// Encodes and queues a frame.
+    /// Encodes and queues a frame (in a WebSocket binary message on WebSocket connections).
     pub fn push_frame(&self, f: &ServerFrame) {
         IO_COUNTS.with(|c| {
             bump(&c.frames_out, 1);
@@ -194,9 +231,60 @@ impl Conn {
                 bump(&c.errors_sent[i], 1);
             }
         });
-        let mut b = BytesMut::with_capacity(48);
+        let Some(ws) = self.frame_wrapping() else {
+            return;
+        };
+        // Leave room for the WebSocket header in front, so that it is written in place.
+        let gap = if ws { limits::WS_HEADER_BYTES_MAX } else { 0 };
+        let mut b = BytesMut::with_capacity(gap + 48);
+        b.resize(gap, 0);
         f.encode(&mut b);
+        if ws {
+            let mut h = [0u8; limits::WS_HEADER_BYTES_MAX];
+            let n = ws::binary_header(b.len() - gap, &mut h);
+            b[gap - n..gap].copy_from_slice(&h[..n]);
+            b.advance(gap - n);
+        }
         self.push_bytes(b.freeze());
+    }
+
+    /// Queues one frame given as an encoded head (copied) and a shared body (not copied):
+    /// a DELIVER's header and its message body.
+    pub fn push_frame_parts(&self, head: &[u8], body: Bytes) {
+        let Some(ws) = self.frame_wrapping() else {
+            return;
+        };
+        let mut b = BytesMut::with_capacity(limits::WS_HEADER_BYTES_MAX + head.len());
+        if ws {
+            let mut h = [0u8; limits::WS_HEADER_BYTES_MAX];
+            let n = ws::binary_header(head.len() + body.len(), &mut h);
+            b.extend_from_slice(&h[..n]);
+        }
+        b.extend_from_slice(head);
+        self.push_bytes(b.freeze());
+        self.push_bytes(body);
+    }
+
+    /// `Some(in_websocket)` when protocol frames can be queued; `None` while a TLS handshake
+    /// or WebSocket upgrade is unfinished (only a timeout or a drain pushes frames then, and
+    /// the connection is closing: the frame could not be sent, so it is dropped).
+    fn frame_wrapping(&self) -> Option<bool> {
+        let st = self.st.borrow();
+        match &st.layers {
+            None => Some(false),
+            Some(l) if l.ready() => Some(l.frames_in_websocket()),
+            Some(_) => None,
+        }
+    }
+
+    /// Gives the connection its transport layers (TLS, WebSocket); before any I/O.
+    pub fn set_layers(&self, layers: Option<Box<Layers>>) {
+        self.st.borrow_mut().layers = layers;
+    }
+
+    /// Whether the TLS handshake and WebSocket upgrade (where there are any) are done.
+    pub fn transport_ready(&self) -> bool {
+        self.st.borrow().transport_ready()
     }
 
     /// Stops reading; the task flushes what is queued, then closes.
@@ -342,9 +430,87 @@ impl Conn {
         }
     }
 
-    /// Writes as much queued output as the socket takes. `Ok` also when it would block
-    /// (write interest is then registered with the reactor).
-    fn flush(&self, stream: &mut TcpStream, cx: &mut Context<'_>) -> io::Result<()> {
+    /// Writes as much queued output as the socket takes: bytes the layers produced first,
+    /// then queued frames (encrypted on the way on TLS). `Ok` also when it would block (write
+    /// interest is then registered with the reactor).
+    fn flush(&self, shard: &Shard, stream: &mut TcpStream, cx: &mut Context<'_>) -> io::Result<()> {
+        loop {
+            let mut guard = self.st.borrow_mut();
+            let st = &mut *guard;
+            let Some(layers) = st.layers.as_mut() else {
+                drop(guard);
+                return self.flush_frames(stream, cx);
+            };
+            let pending = layers.wire_pending();
+            if pending > 0 {
+                let front = &layers.wire_out[layers.wire_off..];
+                // SAFETY: plain non-blocking send from a live buffer on a valid fd.
+                let n = unsafe {
+                    libc::send(
+                        stream.as_raw_fd(),
+                        front.as_ptr() as *const libc::c_void,
+                        front.len(),
+                        libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+                    )
+                };
+                if n >= 0 {
+                    IO_COUNTS.with(|c| bump(&c.bytes_out, n as u64));
+                    st.wire_sent(n as usize);
+                    continue;
+                }
+                let err = io::Error::last_os_error();
+                match err.kind() {
+                    io::ErrorKind::Interrupted => continue,
+                    io::ErrorKind::WouldBlock => {
+                        let r = Pin::new(&mut *stream)
+                            .poll_write(cx, &layers.wire_out[layers.wire_off..]);
+                        match r {
+                            Poll::Ready(Ok(n)) => {
+                                IO_COUNTS.with(|c| bump(&c.bytes_out, n as u64));
+                                st.wire_sent(n);
+                                continue;
+                            }
+                            Poll::Ready(Err(e)) => return Err(e),
+                            Poll::Pending => return Ok(()),
+                        }
+                    }
+                    _ => return Err(err),
+                }
+            }
+            if st.out.is_empty() || !layers.ready() {
+                return Ok(());
+            }
+            if layers.tls.is_none() {
+                // Plain WebSocket: the frames are already wrapped; write them without a copy.
+                drop(guard);
+                return self.flush_frames(stream, cx);
+            }
+            // TLS: gather queued frames into records (one record for many small frames).
+            let mut plain = shard.plain_scratch.take();
+            plain.clear();
+            for (i, b) in st.out.iter().enumerate() {
+                let s = if i == 0 { &b[st.out_offset..] } else { &b[..] };
+                let room = limits::TLS_WRITE_PLAIN_BYTES_MAX - plain.len();
+                if room == 0 {
+                    break;
+                }
+                plain.extend_from_slice(&s[..s.len().min(room)]);
+            }
+            Self::advance(st, plain.len());
+            let layers = st.layers.as_mut().expect("checked above");
+            let before = layers.wire_out.len();
+            let tls = layers.tls.as_mut().expect("checked above");
+            let r = tls.encrypt(&plain, &mut layers.wire_out);
+            let added = layers.wire_out.len() - before;
+            shard.plain_scratch.replace(plain);
+            st.wire_added(added);
+            r.map_err(io::Error::other)?;
+        }
+    }
+
+    /// Writes queued frames with one gathering `sendmsg` per batch (plain TCP, plain
+    /// WebSocket).
+    fn flush_frames(&self, stream: &mut TcpStream, cx: &mut Context<'_>) -> io::Result<()> {
         let mut st = self.st.borrow_mut();
         while !st.out.is_empty() {
             let mut iov: [libc::iovec; limits::WRITE_IOVECS_MAX] = [libc::iovec {
@@ -466,6 +632,158 @@ fn process(shard: &Shard, slot: u32, conn: &Rc<Conn>, data: &[u8], now: u64) -> 
     }
 }
 
+/// Where the protocol bytes of one read ended up after the transport layers.
+enum Unwrapped {
+    /// Decrypted into the plain buffer (TLS).
+    Plain,
+    /// Unframed into the app buffer (WebSocket, with or without TLS).
+    App,
+}
+
+impl Conn {
+    /// Queues the polite end of a layered connection (WebSocket Close, TLS close_notify).
+    fn say_goodbye(&self) {
+        let mut guard = self.st.borrow_mut();
+        let st = &mut *guard;
+        let Some(layers) = st.layers.as_mut() else {
+            return;
+        };
+        let (code, why) = match self.close_reason.get() {
+            CloseReason::Peer
+            | CloseReason::Shutdown
+            | CloseReason::Idle
+            | CloseReason::Replaced => (1000, self.close_reason.get().label()),
+            CloseReason::Internal | CloseReason::Io => (1011, self.close_reason.get().label()),
+            other => (1008, other.label()),
+        };
+        let before = layers.wire_out.len();
+        layers.goodbye(code, why);
+        let added = layers.wire_out.len() - before;
+        st.wire_added(added);
+    }
+
+    /// Runs one read through TLS and WebSocket. Bytes for the peer (handshake records,
+    /// pongs, the upgrade response, alerts) are queued; protocol bytes land in `plain` or
+    /// `app`. On a transport failure the peer's error answer is queued and the reason and a
+    /// description are returned.
+    fn unwrap_input(
+        &self,
+        shard: &Shard,
+        fresh: &mut [u8],
+        plain: &mut Vec<u8>,
+        app: &mut Vec<u8>,
+    ) -> Result<(Unwrapped, bool), (CloseReason, String)> {
+        let mut guard = self.st.borrow_mut();
+        let st = &mut *guard;
+        let layers = st.layers.as_mut().expect("a layered connection");
+        let before = layers.wire_out.len();
+        let mut peer_closed = false;
+        let mut out = Unwrapped::Plain;
+        let mut fail = None;
+        if let Some(tls) = &mut layers.tls {
+            if !tls.is_established()
+                && tls.pending_input_bytes() == 0
+                && !tls.has_input()
+                && fresh.first().is_some_and(|b| *b != 0x16)
+            {
+                // Not a TLS ClientHello: most likely a plaintext client on the TLS port. Answer
+                // in plaintext, in its own language, so it can tell what is wrong.
+                let answer: Vec<u8> = if layers.ws.is_some() {
+                    let body = "this port speaks TLS: connect with wss://\n";
+                    format!("HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{body}", body.len()).into_bytes()
+                } else {
+                    ServerFrame::Error {
+                        code: crate::proto::ErrorCode::MalformedFrame as u16,
+                        fatal: true,
+                        ref_id: 0,
+                        message: "this port speaks TLS: connect with TLS".into(),
+                    }
+                    .to_bytes()
+                    .to_vec()
+                };
+                layers.wire_out.extend_from_slice(&answer);
+                fail = Some((CloseReason::Tls, "plaintext on a TLS port".to_string()));
+            } else {
+                match tls.handle_input(fresh, plain, &mut layers.wire_out) {
+                    Ok(p) => {
+                        if p.established_now {
+                            shard.count_tls_handshake(tls.handshake_kind());
+                        }
+                        peer_closed |= p.peer_closed;
+                    }
+                    Err(e) => fail = Some((CloseReason::Tls, format!("TLS: {e}"))),
+                }
+            }
+        }
+        if fail.is_none() {
+            if let Some(ws) = &mut layers.ws {
+                let input: &[u8] = if layers.tls.is_some() { plain } else { fresh };
+                let mut reply = Vec::new();
+                match ws.handle_input(input, app, &mut reply) {
+                    Ok(p) => {
+                        if p.upgraded_now {
+                            shard.count_ws_upgrade();
+                        }
+                        peer_closed |= p.peer_closed;
+                    }
+                    Err(e) => fail = Some((CloseReason::WebSocket, e.to_string())),
+                }
+                out = Unwrapped::App;
+                if !reply.is_empty() {
+                    if let Err(e) = layers.send_plain(&reply) {
+                        fail = Some((CloseReason::Tls, format!("TLS: {e}")));
+                    }
+                }
+            }
+        }
+        if fail.is_some() {
+            // The error answer above is the connection's last word.
+            layers.goodbye_sent = true;
+        }
+        let added = layers.wire_out.len() - before;
+        st.wire_added(added);
+        match fail {
+            Some(f) => Err(f),
+            None => Ok((out, peer_closed)),
+        }
+    }
+}
+
+/// Processes a read on a TLS or WebSocket connection: through the layers (with the shard's
+/// scratch buffers), then into the protocol.
+fn consume_layered(shard: &Shard, slot: u32, conn: &Rc<Conn>, fresh: &mut [u8], now: u64) {
+    let mut plain = shard.plain_scratch.take();
+    let mut app = shard.app_scratch.take();
+    plain.clear();
+    app.clear();
+    match conn.unwrap_input(shard, fresh, &mut plain, &mut app) {
+        Ok((which, peer_closed)) => {
+            let data = match which {
+                Unwrapped::Plain => &plain,
+                Unwrapped::App => &app,
+            };
+            if !data.is_empty() {
+                consume(shard, slot, conn, data, now);
+            }
+            if peer_closed {
+                conn.eof.set(true);
+                conn.close();
+            }
+        }
+        Err((reason, why)) => {
+            tracing::debug!(shard = shard.id.0, slot, reason = reason.label(), %why, "closing connection on a transport error");
+            conn.close_as(reason);
+        }
+    }
+    // Keep the scratch buffers' capacity, within bounds.
+    for (cell, mut buf) in [(&shard.plain_scratch, plain), (&shard.app_scratch, app)] {
+        if buf.capacity() > limits::READ_SCRATCH_BYTES * 4 {
+            buf = Vec::new();
+        }
+        cell.replace(buf);
+    }
+}
+
 /// Processes `fresh` input, joined to any partial frame kept from earlier reads.
 fn consume(shard: &Shard, slot: u32, conn: &Rc<Conn>, fresh: &[u8], now: u64) {
     let mut partial = std::mem::take(&mut conn.st.borrow_mut().partial);
@@ -503,7 +821,7 @@ fn poll_conn(
     }
     for _ in 0..limits::READS_PER_POLL_MAX {
         let had_output = conn.out_bytes() > 0;
-        if let Err(e) = conn.flush(stream, cx) {
+        if let Err(e) = conn.flush(shard, stream, cx) {
             return Poll::Ready(Exit::Io(e));
         }
         if had_output && conn.out_bytes() == 0 {
@@ -517,12 +835,18 @@ fn poll_conn(
             if st.aborted {
                 return Poll::Ready(Exit::Closed);
             }
-            if st.out.is_empty() {
+            if st.out_bytes == 0 {
                 // Before closing (EOF, a fatal error, GO_AWAY), wait for the answers to the
                 // SENDs already accepted: they are being stored, and a client that gets their
                 // SEND_ACKs need not resend them (bounded by the sweeper's close grace period).
                 let owed = st.sends_in_flight > 0;
                 if st.closing_since_ms.is_some() && !owed {
+                    if st.layers.as_ref().is_some_and(|l| !l.goodbye_sent) {
+                        // WebSocket Close and TLS close_notify, then flush them.
+                        drop(st);
+                        conn.say_goodbye();
+                        continue;
+                    }
                     return Poll::Ready(Exit::Closed);
                 }
                 if let Some((u, d)) = st.handover {
@@ -564,7 +888,11 @@ fn poll_conn(
                 IO_COUNTS.with(|c| bump(&c.bytes_in, n as u64));
                 let now = now_ms();
                 conn.now_ms.set(now);
-                consume(shard, slot, conn, &scratch[..n], now);
+                if conn.st.borrow().layers.is_some() {
+                    consume_layered(shard, slot, conn, &mut scratch[..n], now);
+                } else {
+                    consume(shard, slot, conn, &scratch[..n], now);
+                }
             }
         }
     }
@@ -584,8 +912,10 @@ pub async fn serve(shard: Rc<Shard>, mut stream: TcpStream, slot: u32, conn: Rc<
     match exit {
         Exit::Handover(user, device) => {
             // glommio 0.9 has no into_raw_fd: dup the socket, then drop the stream (closing
-            // only our copy) and send the dup to the owner shard.
+            // only our copy) and send the dup to the owner shard, with the TLS and WebSocket
+            // state and the unprocessed input.
             let leftover = std::mem::take(&mut conn.st.borrow_mut().partial);
+            let layers = conn.st.borrow_mut().layers.take();
             // SAFETY: dup of a valid open fd; on success we own the new descriptor.
             let dup = unsafe { libc::fcntl(stream.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 0) };
             drop(stream);
@@ -596,7 +926,7 @@ pub async fn serve(shard: Rc<Shard>, mut stream: TcpStream, slot: u32, conn: Rc<
             }
             // SAFETY: `dup` is a fresh descriptor owned by nobody else.
             let fd = unsafe { OwnedFd::from_raw_fd(dup) };
-            shard.hand_over(fd, user, device, leftover);
+            shard.hand_over(fd, user, device, leftover, layers);
         }
         Exit::Io(e) => {
             tracing::debug!(shard = shard.id.0, slot, error = %e, "connection I/O error");

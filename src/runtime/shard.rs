@@ -56,6 +56,7 @@ use crate::proto::{
 use crate::ratelimit::TokenBucket;
 use crate::session::{Command, Handshake, InFlight, Phase, SessionParams, Step};
 use crate::store::{Item, Op, OpOutcome, QueueLimits, Store, StoreError};
+use crate::transport::{Layers, ListenerKind, TlsContext};
 
 /// A batch of envelopes, the unit sent between shards.
 pub type Batch = Vec<Envelope>;
@@ -122,6 +123,8 @@ pub enum Envelope {
         device: DeviceId,
         /// Bytes the client sent after LOGIN that were not processed yet.
         leftover: Vec<u8>,
+        /// The connection's TLS and WebSocket state (`None` on plain TCP).
+        layers: Option<Box<Layers>>,
     },
 }
 
@@ -228,6 +231,10 @@ pub struct ShardStats {
     pub sends_rate_limited: Cell<u64>,
     /// Connections from new sources let through untracked because the table was full.
     pub sources_untracked: Cell<u64>,
+    /// TLS handshakes completed: [full, resumed].
+    pub tls_handshakes: [Cell<u64>; 2],
+    /// WebSocket upgrades completed.
+    pub ws_upgrades: Cell<u64>,
 }
 
 fn bump(c: &Cell<u64>, n: u64) {
@@ -256,8 +263,10 @@ pub struct ShardSeed {
     pub id: ShardId,
     /// Shards in the node.
     pub shards: usize,
-    /// The shard's listening socket.
-    pub listener: OwnedFd,
+    /// The shard's listening sockets, with what each speaks.
+    pub listeners: Vec<(OwnedFd, ListenerKind)>,
+    /// The node's TLS context, when a TLS or wss listener is configured.
+    pub tls: Option<Arc<TlsContext>>,
     /// The shard's store.
     pub store: Store,
     /// Epoch for message ids.
@@ -307,6 +316,12 @@ pub struct Shard {
     paused: RefCell<Vec<Rc<Conn>>>,
     /// Read buffer shared by every connection of the shard (idle connections hold none).
     pub scratch: RefCell<Box<[u8]>>,
+    /// Decrypted TLS input, and plaintext gathered for encryption (shared, like `scratch`).
+    pub plain_scratch: RefCell<Vec<u8>>,
+    /// WebSocket payloads of one read (shared, like `scratch`).
+    pub app_scratch: RefCell<Vec<u8>>,
+    /// The node's TLS context (shared by every shard: certificate and ticket keys).
+    tls: Option<Arc<TlsContext>>,
     /// Counters.
     pub stats: ShardStats,
     /// Group commit latency, µs.
@@ -326,6 +341,24 @@ pub struct Shard {
     dirty: Cell<bool>,
     committing: Cell<bool>,
     queues: Queues,
+}
+
+/// Refuses a just-accepted connection in the listener's language: the ERROR frame on TCP, an
+/// HTTP 503 on plain WebSocket (a browser shows it), and a plain close on TLS (nothing can be
+/// said before a handshake).
+fn refuse(stream: &TcpStream, kind: ListenerKind, frame: &[u8], why: &str) {
+    match kind {
+        ListenerKind::Tcp => conn::send_best_effort(stream, frame),
+        ListenerKind::Ws => {
+            let body = format!("{why}\n");
+            let resp = format!(
+                "HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain\r\nRetry-After: 1\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{body}",
+                body.len()
+            );
+            conn::send_best_effort(stream, resp.as_bytes());
+        }
+        ListenerKind::Tls | ListenerKind::Wss => {}
+    }
 }
 
 /// Waits until `ready()` holds, parking the task in `slot` until someone wakes it.
@@ -387,6 +420,9 @@ impl Shard {
             committer_waker: RefCell::new(None),
             paused: RefCell::new(Vec::new()),
             scratch: RefCell::new(vec![0u8; limits::READ_SCRATCH_BYTES].into_boxed_slice()),
+            plain_scratch: RefCell::new(Vec::new()),
+            app_scratch: RefCell::new(Vec::new()),
+            tls: seed.tls,
             stats: ShardStats::default(),
             commit_us: RefCell::new(hist()),
             commit_ops: RefCell::new(hist()),
@@ -401,8 +437,6 @@ impl Shard {
             committing: Cell::new(false),
             queues,
         });
-        // SAFETY: the fd is a listening TCP socket we own; ownership moves into the listener.
-        let listener = unsafe { TcpListener::from_raw_fd(seed.listener.into_raw_fd()) };
 
         let mut tasks = Vec::new();
         for (peer, sender) in seed.senders.into_iter().enumerate() {
@@ -463,11 +497,19 @@ impl Shard {
                 queues.housekeeping,
             )
         });
-        let s = shard.clone();
-        let acceptor = spawn(
-            Box::pin(async move { s.accept_loop(listener).await }),
-            queues.accept,
-        );
+        let acceptors: Vec<_> = seed
+            .listeners
+            .into_iter()
+            .map(|(fd, kind)| {
+                // SAFETY: the fd is a listening TCP socket we own; it moves into the listener.
+                let listener = unsafe { TcpListener::from_raw_fd(fd.into_raw_fd()) };
+                let s = shard.clone();
+                spawn(
+                    Box::pin(async move { s.accept_loop(listener, kind).await }),
+                    queues.accept,
+                )
+            })
+            .collect();
         let cross: Vec<_> = tasks
             .into_iter()
             .map(|t| t.expect("spawn cross task").detach())
@@ -484,7 +526,9 @@ impl Shard {
         if shard.cfg.drain_unready_ms > 0 {
             glommio::timer::sleep(Duration::from_millis(shard.cfg.drain_unready_ms)).await;
         }
-        acceptor.cancel().await;
+        for a in acceptors {
+            a.cancel().await;
+        }
         shard.shutdown(drain_start).await;
         // Stay a peer until every shard has drained: a shard that stopped its drain tasks early
         // would leave the others' envelopes for it piling up in their outboxes (and their
@@ -781,7 +825,14 @@ impl Shard {
     }
 
     /// Adopts a connection handed over by another shard.
-    fn adopt(self: &Rc<Self>, fd: OwnedFd, user: UserId, device: DeviceId, leftover: Vec<u8>) {
+    fn adopt(
+        self: &Rc<Self>,
+        fd: OwnedFd,
+        user: UserId,
+        device: DeviceId,
+        leftover: Vec<u8>,
+        layers: Option<Box<Layers>>,
+    ) {
         debug_assert_eq!(owner_shard(user, self.shards), self.id);
         let now = now_ms();
         // SAFETY: `fd` is a connected TCP socket whose ownership moves into the stream.
@@ -791,6 +842,7 @@ impl Shard {
             .handovers_in
             .fetch_add(1, Ordering::Relaxed);
         conn.set_partial(leftover);
+        conn.set_layers(layers);
         self.register_session(slot, &conn, user, device);
         self.spawn_conn(stream, slot, conn);
     }
@@ -809,7 +861,14 @@ impl Shard {
     }
 
     /// Called by a connection task that finished its login here but belongs to another shard.
-    pub fn hand_over(&self, fd: OwnedFd, user: UserId, device: DeviceId, leftover: Vec<u8>) {
+    pub fn hand_over(
+        &self,
+        fd: OwnedFd,
+        user: UserId,
+        device: DeviceId,
+        leftover: Vec<u8>,
+        layers: Option<Box<Layers>>,
+    ) {
         self.stats
             .handovers_out
             .set(self.stats.handovers_out.get() + 1);
@@ -821,8 +880,20 @@ impl Shard {
                 user,
                 device,
                 leftover,
+                layers,
             },
         );
+    }
+
+    /// Counts a completed TLS handshake by kind.
+    pub fn count_tls_handshake(&self, kind: Option<rustls::HandshakeKind>) {
+        let i = usize::from(matches!(kind, Some(rustls::HandshakeKind::Resumed)));
+        bump(&self.stats.tls_handshakes[i], 1);
+    }
+
+    /// Counts a completed WebSocket upgrade.
+    pub fn count_ws_upgrade(&self) {
+        bump(&self.stats.ws_upgrades, 1);
     }
 
     // ---------------------------------------------------------------- commands
@@ -1120,7 +1191,8 @@ impl Shard {
                         user,
                         device,
                         leftover,
-                    } => self.adopt(fd, user, device, leftover),
+                        layers,
+                    } => self.adopt(fd, user, device, leftover, layers),
                     other => self.handle_envelope(other),
                 }
             }
@@ -1205,8 +1277,7 @@ impl Shard {
             } => {
                 conn::IO_COUNTS.with(|c| bump(&c.frames_out, 1));
                 let header = deliver_header(id, *sender, *sender_device, *ts_ms, body.len());
-                conn.push_bytes(Bytes::copy_from_slice(&header));
-                conn.push_bytes(body.clone());
+                conn.push_frame_parts(&header, body.clone());
                 conn.delivered(InFlight {
                     id,
                     receipt_to: Some(*sender),
@@ -1465,6 +1536,13 @@ impl Shard {
                     continue;
                 }
                 if let Some(step) = c.check_login_timeout(now, &self.params) {
+                    if !c.transport_ready() {
+                        // A TLS handshake or WebSocket upgrade still unfinished: no frame can
+                        // reach the client, so it is just closed.
+                        tracing::debug!(shard = self.id.0, "closing a connection whose TLS handshake or WebSocket upgrade did not finish in time");
+                        c.close_as(CloseReason::HandshakeTimeout);
+                        continue;
+                    }
                     self.stats
                         .fatal_errors
                         .set(self.stats.fatal_errors.get() + 1);
@@ -1493,7 +1571,7 @@ impl Shard {
         }
     }
 
-    async fn accept_loop(self: Rc<Self>, listener: TcpListener) {
+    async fn accept_loop(self: Rc<Self>, listener: TcpListener, kind: ListenerKind) {
         let mut last_warn: Option<Instant> = None;
         loop {
             match listener.accept().await {
@@ -1511,7 +1589,12 @@ impl Shard {
                             message: "server is at its connection limit; retry later".into(),
                         }
                         .to_bytes();
-                        conn::send_best_effort(&stream, &frame);
+                        refuse(
+                            &stream,
+                            kind,
+                            &frame,
+                            "server is at its connection limit; retry later",
+                        );
                         continue;
                     }
                     let now = now_ms();
@@ -1526,10 +1609,23 @@ impl Shard {
                                 .into(),
                         }
                         .to_bytes();
-                        conn::send_best_effort(&stream, &frame);
+                        refuse(
+                            &stream,
+                            kind,
+                            &frame,
+                            "too many new connections from your address; retry later",
+                        );
                         continue;
                     }
+                    let layers = match Layers::for_listener(kind, self.tls.as_ref()) {
+                        Ok(l) => l,
+                        Err(e) => {
+                            tracing::warn!(shard = self.id.0, error = %e, "cannot start a TLS session; closing");
+                            continue;
+                        }
+                    };
                     let (slot, conn) = self.insert_conn(Handshake::new(now), now);
+                    conn.set_layers(layers);
                     self.spawn_conn(stream, slot, conn);
                 }
                 Err(e) => {
@@ -1616,6 +1712,9 @@ impl Shard {
             conns_rate_limited: st.conns_rate_limited.get(),
             sends_rate_limited: st.sends_rate_limited.get(),
             sources_untracked: st.sources_untracked.get(),
+            tls_handshakes_full: st.tls_handshakes[0].get(),
+            tls_handshakes_resumed: st.tls_handshakes[1].get(),
+            ws_upgrades: st.ws_upgrades.get(),
             outbound_bytes_queued: io.out_bytes_queued.get(),
             commit_us: Buckets::from_histogram(&self.commit_us.borrow(), &LATENCY_BOUNDS_US),
             commit_ops: Buckets::from_histogram(&self.commit_ops.borrow(), &BATCH_BOUNDS),

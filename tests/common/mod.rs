@@ -220,36 +220,20 @@ pub fn metric(body: &str, name: &str, label: &str) -> f64 {
         .sum()
 }
 
+/// Connections closed for `reason` (all shards), from a scrape.
+pub fn closed_by(body: &str, reason: &str) -> f64 {
+    metric(
+        body,
+        "gatehouse_connections_closed_total",
+        &format!("reason=\"{reason}\""),
+    )
+}
+
 /// Starts the binary with `config` text; returns the child, its address and admin address.
 /// Stderr goes to `log`.
 pub fn spawn_node(config: &Path, log: &Path) -> (Gateway, SocketAddr, SocketAddr) {
-    for _ in 0..2 {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_gatehouse"))
-            .args(["run", "--config"])
-            .arg(config)
-            .env_remove("GATEHOUSE_LOG")
-            .stdout(Stdio::piped())
-            .stderr(std::fs::File::create(log).unwrap())
-            .spawn()
-            .unwrap();
-        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-        let first = lines.next().and_then(|l| l.ok()).unwrap_or_default();
-        let second = lines.next().and_then(|l| l.ok()).unwrap_or_default();
-        let last = |l: &str| {
-            l.rsplit(' ')
-                .next()
-                .unwrap_or("")
-                .trim_start_matches("http://")
-                .parse()
-                .ok()
-        };
-        if let (Some(a), Some(b)) = (last(&first), last(&second)) {
-            return (Gateway(child), a, b);
-        }
-        let _ = child.kill();
-        let _ = child.wait();
-    }
-    panic!("gatehouse did not start twice");
+    let (g, b) = spawn_node_banner(config, log);
+    (g, b.tcp.unwrap(), b.admin.expect("admin endpoint enabled"))
 }
 
 pub fn node_config(dir: &Path, extra: &str) -> std::path::PathBuf {
@@ -289,4 +273,140 @@ impl Drop for Gateway {
             let _ = self.0.wait();
         }
     }
+}
+
+/// A test PKI in `dir`: a CA (`ca.pem`) and a server certificate for `localhost` and
+/// 127.0.0.1 signed by it (`server.pem`, `server.key`). Returns the three paths.
+pub struct TestPki {
+    pub ca: std::path::PathBuf,
+    pub cert: std::path::PathBuf,
+    pub key: std::path::PathBuf,
+    ca_cert: rcgen::Certificate,
+    ca_key: rcgen::KeyPair,
+}
+
+impl TestPki {
+    pub fn new(dir: &Path) -> TestPki {
+        let ca_key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "Gatehouse test CA");
+        let ca_cert = params.self_signed(&ca_key).unwrap();
+        let pki = TestPki {
+            ca: dir.join("ca.pem"),
+            cert: dir.join("server.pem"),
+            key: dir.join("server.key"),
+            ca_cert,
+            ca_key,
+        };
+        std::fs::write(&pki.ca, pki.ca_cert.pem()).unwrap();
+        pki.issue();
+        pki
+    }
+
+    /// Writes a fresh server key and certificate (a new leaf) over the old files.
+    pub fn issue(&self) {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let params =
+            rcgen::CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()])
+                .unwrap();
+        let cert = params.signed_by(&key, &self.ca_cert, &self.ca_key).unwrap();
+        std::fs::write(&self.cert, cert.pem()).unwrap();
+        std::fs::write(&self.key, key.serialize_pem()).unwrap();
+    }
+
+    /// Client settings that trust this CA, with a session cache for resumption.
+    pub fn client(&self) -> gatehouse::client::TlsClientConfig {
+        gatehouse::client::TlsClientConfig::from_ca_file(&self.ca, "localhost", &[], 64).unwrap()
+    }
+}
+
+/// `config` with the TLS listener on (port 0) using `pki`.
+pub fn tls_config(dir: &Path, pki: &TestPki) -> Config {
+    let mut c = config(dir);
+    c.tls.enabled = true;
+    c.tls.listen = "127.0.0.1:0".parse().unwrap();
+    c.tls.cert_file = pki.cert.clone();
+    c.tls.key_file = pki.key.clone();
+    c
+}
+
+pub fn login_tls(
+    addr: SocketAddr,
+    tls: &gatehouse::client::TlsClientConfig,
+    user: u64,
+    device: u32,
+) -> Client {
+    let mut c = Client::connect_tls(addr, tls, TIMEOUT).expect("TLS connect");
+    c.log_in(UserId(user), DeviceId(device), &token(user, device))
+        .expect("login over TLS");
+    c
+}
+
+/// The addresses a `gatehouse run` printed.
+#[derive(Debug, Default)]
+pub struct Banner {
+    pub tcp: Option<SocketAddr>,
+    pub tls: Option<SocketAddr>,
+    pub ws: Option<SocketAddr>,
+    pub admin: Option<SocketAddr>,
+}
+
+/// Starts the binary with `config` and reads every banner line (up to the admin line).
+pub fn spawn_node_banner(config: &Path, log: &Path) -> (Gateway, Banner) {
+    for _ in 0..2 {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_gatehouse"))
+            .args(["run", "--config"])
+            .arg(config)
+            .env_remove("GATEHOUSE_LOG")
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(log).unwrap())
+            .spawn()
+            .unwrap();
+        let mut banner = Banner::default();
+        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        while let Some(Ok(line)) = lines.next() {
+            let addr: Option<SocketAddr> = line
+                .rsplit(' ')
+                .next()
+                .map(|a| {
+                    a.trim_start_matches("http://")
+                        .trim_start_matches("wss://")
+                        .trim_start_matches("ws://")
+                        .trim_end_matches('/')
+                })
+                .and_then(|a| a.parse().ok());
+            if line.starts_with("gatehouse listening on") {
+                banner.tcp = addr;
+            } else if line.starts_with("gatehouse tls listening on") {
+                banner.tls = addr;
+            } else if line.starts_with("gatehouse websocket listening on") {
+                banner.ws = addr;
+            } else if line.starts_with("gatehouse admin on") {
+                banner.admin = addr;
+                break;
+            }
+        }
+        if banner.tcp.is_some() && banner.admin.is_some() {
+            return (Gateway(child), banner);
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    panic!("gatehouse did not start twice");
+}
+
+/// `config` with a WebSocket listener on (port 0); `wss` terminates TLS with `pki`.
+pub fn ws_config(dir: &Path, pki: Option<&TestPki>) -> Config {
+    let mut c = config(dir);
+    c.websocket.enabled = true;
+    c.websocket.listen = "127.0.0.1:0".parse().unwrap();
+    if let Some(pki) = pki {
+        c.websocket.tls = true;
+        c.tls.cert_file = pki.cert.clone();
+        c.tls.key_file = pki.key.clone();
+    }
+    c
 }
