@@ -5,8 +5,11 @@
 //! (heap and anonymous mappings; kernel socket memory is not included) divided by the number
 //! of connections. Then pings every connection to prove all are alive.
 //!
+//! With `--tls`, the connections use the TLS listener (a fresh test CA and certificate), so the
+//! figure includes the server's per-connection TLS state.
+//!
 //! ```text
-//! cargo build --release && cargo run --release --example idle_memory -- --conns 9000
+//! cargo build --release && cargo run --release --example idle_memory -- --conns 9000 [--tls]
 //! ```
 
 use std::io::{BufRead, BufReader};
@@ -42,16 +45,28 @@ fn main() {
     let conns: u64 = arg("--conns", "9000").parse().unwrap();
     let shards = arg("--shards", "2");
     let binary = arg("--binary", "target/release/gatehouse");
+    let tls = std::env::args().any(|a| a == "--tls");
     let dir = tempfile::tempdir().unwrap();
     let cfg = dir.path().join("g.toml");
-    std::fs::write(
-        &cfg,
-        format!(
-            "[server]\nlisten = \"127.0.0.1:0\"\nshards = {shards}\n[store]\ndata_dir = {:?}\nmap_size_mib = 64\n[auth]\nkey_hex = \"{KEY}\"\n[limits]\nconnect_rate_per_source = 0\n",
-            dir.path().join("data")
-        ),
-    )
-    .unwrap();
+    let mut text = format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\nshards = {shards}\n[store]\ndata_dir = {:?}\nmap_size_mib = 64\n[auth]\nkey_hex = \"{KEY}\"\n[limits]\nconnect_rate_per_source = 0\n",
+        dir.path().join("data")
+    );
+    let tls_client = tls.then(|| {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["localhost".to_string()])
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
+        let (c, k) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+        std::fs::write(&c, cert.pem()).unwrap();
+        std::fs::write(&k, key.serialize_pem()).unwrap();
+        text.push_str(&format!(
+            "[tls]\nenabled = true\nlisten = \"127.0.0.1:0\"\ncert_file = {c:?}\nkey_file = {k:?}\n"
+        ));
+        gatehouse::client::TlsClientConfig::from_ca_file(&c, "localhost", &[], 0).unwrap()
+    });
+    std::fs::write(&cfg, text).unwrap();
     let mut child = Command::new(&binary)
         .args(["run", "--config"])
         .arg(&cfg)
@@ -62,22 +77,32 @@ fn main() {
         .unwrap_or_else(|e| {
             panic!("cannot start {binary}: {e} (build with cargo build --release)")
         });
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let addr = line.trim().rsplit(' ').next().unwrap().parse().unwrap();
+    // The TCP address, then (with --tls) the TLS one.
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    let mut addr_line = || {
+        let mut line = String::new();
+        out.read_line(&mut line).unwrap();
+        line.trim().rsplit(' ').next().unwrap().parse().unwrap()
+    };
+    let mut addr: std::net::SocketAddr = addr_line();
+    if tls {
+        addr = addr_line();
+    }
     let keys = TokenKeys::new(parse_key_hex(KEY, "key").unwrap(), None);
     let expiry = gatehouse::runtime::now_ms() / 1000 + 3600;
     let login = |u: u64| {
-        Client::login(
-            addr,
+        let timeout = Duration::from_secs(10);
+        let mut c = match &tls_client {
+            Some(t) => Client::connect_tls(addr, t, timeout).unwrap(),
+            None => Client::connect(addr, timeout).unwrap(),
+        };
+        c.log_in(
             UserId(u),
             DeviceId(1),
             &keys.mint(UserId(u), DeviceId(1), expiry),
-            Duration::from_secs(10),
         )
-        .unwrap()
+        .unwrap();
+        c
     };
 
     // Warm up allocator arenas and tables, then measure the rest.
@@ -99,6 +124,14 @@ fn main() {
     }
     let per_conn = (after.saturating_sub(before)) as f64 * 1024.0 / conns as f64;
     println!("gateway shards:               {shards}");
+    println!(
+        "transport:                    {}",
+        if tls {
+            "TLS (rustls, unbuffered)"
+        } else {
+            "TCP"
+        }
+    );
     println!("idle logged-in connections:   {conns} (+{warm} warm-up)");
     println!(
         "sequential logins:            {:.0}/s (one blocking client)",

@@ -9,6 +9,7 @@
 //! A connection's layers travel with its socket when it moves to its user's owner shard after
 //! login, like the unread bytes do.
 
+pub mod record;
 pub mod tls;
 pub mod ws;
 
@@ -57,8 +58,8 @@ impl ListenerKind {
 pub struct Layers {
     /// TLS, when the listener terminates it.
     pub tls: Option<TlsSession>,
-    /// WebSocket, when the listener speaks it.
-    pub ws: Option<WsSession>,
+    /// WebSocket, when the listener speaks it (boxed: TLS-only connections pay 8 bytes).
+    pub ws: Option<Box<WsSession>>,
     /// Bytes ready for the socket (ciphertext, or raw bytes on plain WebSocket) that it has
     /// not taken yet; written before anything else. Empty (no allocation) when idle.
     pub wire_out: Vec<u8>,
@@ -83,7 +84,7 @@ impl Layers {
         };
         Ok(Some(Box::new(Layers {
             tls,
-            ws: kind.websocket().then(WsSession::new),
+            ws: kind.websocket().then(|| Box::new(WsSession::new())),
             wire_out: Vec::new(),
             wire_off: 0,
             goodbye_sent: false,

@@ -29,6 +29,7 @@ use rustls::{HandshakeKind, ServerConfig, SupportedProtocolVersion};
 use sha2::{Digest, Sha256};
 use thiserror::Error;
 
+use super::record::RecordLayer;
 use crate::config::TlsSection;
 
 /// Why the TLS context (or a reload of it) could not be built. Names the file or key.
@@ -277,6 +278,8 @@ impl TlsContext {
             config.send_tls13_tickets = 0;
         }
         config.alpn_protocols = Vec::new();
+        // Lets an established TLS 1.3 session hand its keys to `record::RecordLayer`.
+        config.enable_secret_extraction = section.record_offload;
         Ok((
             TlsContext {
                 config: Arc::new(config),
@@ -307,6 +310,9 @@ pub enum TlsError {
     /// Early data is not enabled; rustls never hands it out (defensive).
     #[error("unexpected early data")]
     EarlyData,
+    /// The offloaded record layer refused input or ran out of key usage.
+    #[error("{0}")]
+    Record(#[from] super::record::RecordError),
     /// rustls would encrypt no more under these keys.
     #[error("encrypter exhausted")]
     Exhausted,
@@ -322,8 +328,18 @@ pub struct TlsProgress {
 }
 
 /// One connection's TLS state, driven by the connection task.
+///
+/// rustls runs the handshake; an established TLS 1.3 session then gives its keys to a
+/// [`RecordLayer`] (with `tls.record_offload`), and the rustls state is freed.
 pub struct TlsSession {
-    conn: UnbufferedServerConnection,
+    /// rustls, until the keys move to `records` (boxed so that its 1,120 bytes go with it).
+    conn: Option<Box<UnbufferedServerConnection>>,
+    /// The record layer of an established TLS 1.3 session after key extraction.
+    records: Option<RecordLayer>,
+    /// Full or resumed, kept from rustls.
+    kind: Option<HandshakeKind>,
+    /// Offload the record layer once established (`tls.record_offload`).
+    offload: bool,
     /// Ciphertext received but not yet processed: a record split across reads. Empty (no
     /// allocation) between records, so idle connections hold nothing here.
     pending_in: Vec<u8>,
@@ -350,7 +366,10 @@ impl TlsSession {
     /// A server session under `config`.
     pub fn new(config: Arc<ServerConfig>) -> Result<TlsSession, TlsError> {
         Ok(TlsSession {
-            conn: UnbufferedServerConnection::new(config)?,
+            offload: config.enable_secret_extraction,
+            conn: Some(Box::new(UnbufferedServerConnection::new(config)?)),
+            records: None,
+            kind: None,
             pending_in: Vec::new(),
             established: false,
             close_notify_sent: false,
@@ -365,7 +384,38 @@ impl TlsSession {
 
     /// Full or resumed, once known.
     pub fn handshake_kind(&self) -> Option<HandshakeKind> {
-        self.conn.handshake_kind()
+        self.kind
+    }
+
+    /// Whether the record layer runs here rather than in rustls (after key extraction).
+    pub fn is_offloaded(&self) -> bool {
+        self.records.is_some()
+    }
+
+    /// rustls, while it runs the connection.
+    fn rustls(&mut self) -> &mut UnbufferedServerConnection {
+        self.conn
+            .as_mut()
+            .expect("rustls runs the connection until offload")
+    }
+
+    /// Moves an established TLS 1.3 session's keys to a [`RecordLayer`] and frees rustls,
+    /// when nothing is in flight inside rustls (no split record held).
+    fn try_offload(&mut self) -> Result<(), TlsError> {
+        let Some(conn) = &self.conn else {
+            return Ok(());
+        };
+        if !self.established
+            || !self.pending_in.is_empty()
+            || !self.offload
+            || conn.protocol_version() != Some(rustls::ProtocolVersion::TLSv1_3)
+        {
+            return Ok(());
+        }
+        let conn = self.conn.take().expect("checked above");
+        let (secrets, kernel) = conn.dangerous_into_kernel_connection()?;
+        self.records = Some(RecordLayer::new(secrets, kernel));
+        Ok(())
     }
 
     /// Whether any input has been fed yet.
@@ -389,6 +439,13 @@ impl TlsSession {
     ) -> Result<TlsProgress, TlsError> {
         let was_established = self.established;
         self.had_input |= !fresh.is_empty();
+        if let Some(records) = &mut self.records {
+            let opened = records.open(&mut self.pending_in, fresh, plain, wire)?;
+            return Ok(TlsProgress {
+                established_now: false,
+                peer_closed: opened.peer_closed,
+            });
+        }
         let result = if self.pending_in.is_empty() {
             let (used, r) = self.process(fresh, plain, wire);
             if used < fresh.len() {
@@ -410,6 +467,14 @@ impl TlsSession {
             self.pending_in = Vec::new();
         }
         let peer_closed = result?;
+        if self.established {
+            if self.kind.is_none() {
+                self.kind = self.rustls().handshake_kind();
+            }
+            if !peer_closed {
+                self.try_offload()?;
+            }
+        }
         Ok(TlsProgress {
             established_now: self.established && !was_established,
             peer_closed,
@@ -427,8 +492,11 @@ impl TlsSession {
         let mut peer_closed = false;
         // Bounded: every round either consumes input, emits output, or stops.
         for _ in 0..crate::limits::TLS_STATES_PER_INPUT_MAX {
-            let UnbufferedStatus { discard, state } =
-                self.conn.process_tls_records(&mut buf[used..]);
+            let UnbufferedStatus { discard, state } = self
+                .conn
+                .as_mut()
+                .expect("rustls runs the connection")
+                .process_tls_records(&mut buf[used..]);
             let state = match state {
                 Ok(s) => s,
                 Err(e) => return (used + discard, Err(e.into())),
@@ -476,8 +544,11 @@ impl TlsSession {
     /// than that makes it index out of bounds.
     fn drain_alerts(&mut self, wire: &mut Vec<u8>) {
         for _ in 0..4 {
-            let UnbufferedStatus { discard, state } =
-                self.conn.process_tls_records(&mut self.pending_in);
+            let UnbufferedStatus { discard, state } = self
+                .conn
+                .as_mut()
+                .expect("rustls runs the connection")
+                .process_tls_records(&mut self.pending_in);
             let go_on = match state {
                 Ok(ConnectionState::EncodeTlsData(mut e)) => {
                     encode_into(&mut e, wire);
@@ -507,8 +578,11 @@ impl TlsSession {
         let mut f = Some(f);
         for _ in 0..crate::limits::TLS_STATES_PER_INPUT_MAX {
             // The retained input, not an empty slice (see `drain_alerts`).
-            let UnbufferedStatus { discard, state } =
-                self.conn.process_tls_records(&mut self.pending_in);
+            let UnbufferedStatus { discard, state } = self
+                .conn
+                .as_mut()
+                .expect("rustls runs the connection")
+                .process_tls_records(&mut self.pending_in);
             let out = match state? {
                 ConnectionState::EncodeTlsData(mut e) => {
                     encode_into(&mut e, wire);
@@ -537,6 +611,9 @@ impl TlsSession {
     /// established; anything rustls wants to send first (tickets, key updates) goes before.
     pub fn encrypt(&mut self, data: &[u8], wire: &mut Vec<u8>) -> Result<(), TlsError> {
         debug_assert!(self.established, "encrypt before the handshake completed");
+        if let Some(records) = &mut self.records {
+            return Ok(records.seal(data, wire)?);
+        }
         let r = self.with_write_traffic(wire, |w, wire| {
             let start = wire.len();
             let mut need = data.len() + (data.len() / 16_384 + 1) * RECORD_OVERHEAD_BYTES;
@@ -566,6 +643,10 @@ impl TlsSession {
             return;
         }
         self.close_notify_sent = true;
+        if let Some(records) = &mut self.records {
+            records.close_notify(wire);
+            return;
+        }
         let _ = self.with_write_traffic(wire, |w, wire| {
             let start = wire.len();
             wire.resize(start + 64, 0);
@@ -616,6 +697,196 @@ mod tests {
             ..TlsSection::default()
         };
         TlsContext::new(&section).unwrap().0
+    }
+
+    fn roots(dir: &Path) -> rustls::RootCertStore {
+        let pem = std::fs::read(dir.join("c.pem")).unwrap();
+        let mut roots = rustls::RootCertStore::empty();
+        for c in CertificateDer::pem_slice_iter(&pem) {
+            roots.add(c.unwrap()).unwrap();
+        }
+        roots
+    }
+
+    fn client_config(dir: &Path) -> Arc<rustls::ClientConfig> {
+        let roots = roots(dir);
+        Arc::new(
+            rustls::ClientConfig::builder_with_provider(Arc::new(
+                rustls::crypto::aws_lc_rs::default_provider(),
+            ))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth(),
+        )
+    }
+
+    /// Moves client output into the server in pieces of `piece` bytes; returns what the
+    /// server decrypted and sends its answer back to the client.
+    fn pump(
+        server: &mut TlsSession,
+        client: &mut rustls::ClientConnection,
+        piece: usize,
+    ) -> Result<(Vec<u8>, TlsProgress), TlsError> {
+        let mut to_server = Vec::new();
+        while client.wants_write() {
+            client.write_tls(&mut to_server).unwrap();
+        }
+        let (mut plain, mut wire) = (Vec::new(), Vec::new());
+        let mut progress = TlsProgress::default();
+        for chunk in to_server.chunks_mut(piece.max(1)) {
+            let p = server.handle_input(chunk, &mut plain, &mut wire)?;
+            progress.established_now |= p.established_now;
+            progress.peer_closed |= p.peer_closed;
+        }
+        feed_client(client, &wire);
+        Ok((plain, progress))
+    }
+
+    /// Gives `wire` to the client (rustls reads at most one buffer's worth per call).
+    fn feed_client(client: &mut rustls::ClientConnection, wire: &[u8]) {
+        let mut rd = wire;
+        while !rd.is_empty() {
+            client.read_tls(&mut rd).unwrap();
+            client.process_new_packets().unwrap();
+        }
+    }
+
+    fn established(dir: &Path) -> (TlsSession, rustls::ClientConnection) {
+        let ctx = context(dir);
+        let mut s = TlsSession::new(ctx.config.clone()).unwrap();
+        let mut c =
+            rustls::ClientConnection::new(client_config(dir), "localhost".try_into().unwrap())
+                .unwrap();
+        for _ in 0..10 {
+            pump(&mut s, &mut c, usize::MAX).unwrap();
+            if s.is_established() && !c.is_handshaking() && !c.wants_write() {
+                break;
+            }
+        }
+        assert!(s.is_established());
+        (s, c)
+    }
+
+    fn client_reads(c: &mut rustls::ClientConnection, wire: &[u8]) -> Vec<u8> {
+        let mut got = Vec::new();
+        let mut rd = wire;
+        while !rd.is_empty() {
+            c.read_tls(&mut rd).unwrap();
+            c.process_new_packets().unwrap();
+            let _ = std::io::Read::read_to_end(&mut c.reader(), &mut got);
+        }
+        got
+    }
+
+    #[test]
+    fn offloaded_records_interoperate_with_rustls_both_ways() {
+        use std::io::Write as _;
+        let dir = tempfile::tempdir().unwrap();
+        let (mut s, mut c) = established(dir.path());
+        assert!(
+            s.is_offloaded(),
+            "TLS 1.3 sessions move to the record layer"
+        );
+        // Client to server, fed in pieces of every size from 1 byte.
+        let data: Vec<u8> = (0..40_000u32).map(|i| (i % 251) as u8).collect();
+        for piece in [1, 5, 7, 100, 16_405, usize::MAX] {
+            c.writer().write_all(&data).unwrap();
+            let (got, _) = pump(&mut s, &mut c, piece).unwrap();
+            assert!(got == data, "piece {piece}: {} bytes", got.len());
+            assert_eq!(s.pending_input_bytes(), 0);
+        }
+        // Server to client: several records.
+        let mut wire = Vec::new();
+        s.encrypt(&data, &mut wire).unwrap();
+        s.encrypt(b"", &mut wire).unwrap();
+        s.encrypt(b"tail", &mut wire).unwrap();
+        let mut want = data.clone();
+        want.extend_from_slice(b"tail");
+        let got = client_reads(&mut c, &wire);
+        assert!(got == want, "{} of {} bytes", got.len(), want.len());
+    }
+
+    #[test]
+    fn a_client_key_update_is_followed_and_answered() {
+        use std::io::Write as _;
+        let dir = tempfile::tempdir().unwrap();
+        let (mut s, mut c) = established(dir.path());
+        assert!(s.is_offloaded());
+        for round in 0..3u8 {
+            // rustls sends KeyUpdate(update_requested); we switch our receive key, answer with
+            // our own KeyUpdate and switch our send key.
+            c.refresh_traffic_keys().unwrap();
+            c.writer().write_all(&[round; 100]).unwrap();
+            let (got, _) = pump(&mut s, &mut c, 3).unwrap();
+            assert_eq!(got, vec![round; 100]);
+            let mut wire = Vec::new();
+            s.encrypt(&[round + 10; 50], &mut wire).unwrap();
+            assert_eq!(client_reads(&mut c, &wire), vec![round + 10; 50]);
+        }
+    }
+
+    #[test]
+    fn close_notify_tampering_and_stray_messages() {
+        use std::io::Write as _;
+        let dir = tempfile::tempdir().unwrap();
+        // The client's close_notify ends input cleanly.
+        let (mut s, mut c) = established(dir.path());
+        c.send_close_notify();
+        let (_, p) = pump(&mut s, &mut c, usize::MAX).unwrap();
+        assert!(p.peer_closed);
+        // Our close_notify reaches rustls as a clean close.
+        let mut wire = Vec::new();
+        s.close_notify(&mut wire);
+        c.read_tls(&mut &wire[..]).unwrap();
+        let state = c.process_new_packets().unwrap();
+        assert!(state.peer_has_closed());
+
+        // A flipped bit fails authentication; nothing of that record comes out.
+        let (mut s, mut c) = established(dir.path());
+        c.writer().write_all(b"secret").unwrap();
+        let mut to_server = Vec::new();
+        while c.wants_write() {
+            c.write_tls(&mut to_server).unwrap();
+        }
+        let last = to_server.len() - 1;
+        to_server[last] ^= 1;
+        let (mut plain, mut out) = (Vec::new(), Vec::new());
+        let err = s
+            .handle_input(&mut to_server, &mut plain, &mut out)
+            .unwrap_err();
+        assert!(err.to_string().contains("authentication"), "{err}");
+        assert!(plain.is_empty());
+
+        // A plaintext record after the handshake is refused.
+        let (mut s, _c) = established(dir.path());
+        let mut junk = vec![0x16, 0x03, 0x03, 0x00, 0x01, 0x00];
+        let err = s.handle_input(&mut junk, &mut plain, &mut out).unwrap_err();
+        assert!(err.to_string().contains("not an encrypted"), "{err}");
+    }
+
+    #[test]
+    fn tls12_sessions_stay_in_rustls() {
+        use std::io::Write as _;
+        let dir = tempfile::tempdir().unwrap();
+        let ctx = context(dir.path());
+        let cc = Arc::new(
+            rustls::ClientConfig::builder_with_provider(Arc::new(
+                rustls::crypto::aws_lc_rs::default_provider(),
+            ))
+            .with_protocol_versions(&[&rustls::version::TLS12])
+            .unwrap()
+            .with_root_certificates(roots(dir.path()))
+            .with_no_client_auth(),
+        );
+        let mut s = TlsSession::new(ctx.config.clone()).unwrap();
+        let mut c = rustls::ClientConnection::new(cc, "localhost".try_into().unwrap()).unwrap();
+        for _ in 0..10 {
+            pump(&mut s, &mut c, usize::MAX).unwrap();
+        }
+        assert!(s.is_established() && !s.is_offloaded());
+        c.writer().write_all(b"over 1.2").unwrap();
+        assert_eq!(pump(&mut s, &mut c, 2).unwrap().0, b"over 1.2");
     }
 
     #[test]
