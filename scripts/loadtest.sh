@@ -14,6 +14,8 @@
 #   --dir DIR          where node data, configs, logs and the report go    [target/loadtest]
 #   --port BASE        node i listens on 127.0.0.1:(BASE+i)                [7500]
 #   --keep             leave the gateways running afterwards
+#   --tls              clients connect over TLS: a local CA and certificate are made with
+#                      scripts/make-certs.sh, node i serves TLS on 127.0.0.1:(BASE+1000+i)
 #
 # Each node is a standalone gateway that owns the users with ids::owner_node(user, nodes) == i
 # (documented in docs/architecture.md); the loadgen sends every user to its node. What this
@@ -23,7 +25,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-users=1000 nodes=0 shards=0 sync=batch dir=target/loadtest port=7500 keep=0
+users=1000 nodes=0 shards=0 sync=batch dir=target/loadtest port=7500 keep=0 tls=0
 while (($#)); do
   case "$1" in
     --users) users=$2; shift 2 ;;
@@ -33,6 +35,7 @@ while (($#)); do
     --dir) dir=$2; shift 2 ;;
     --port) port=$2; shift 2 ;;
     --keep) keep=1; shift ;;
+    --tls) tls=1; shift ;;
     --) shift; break ;;
     *) echo "loadtest: unknown option $1 (loadgen options go after --)" >&2; exit 2 ;;
   esac
@@ -87,6 +90,11 @@ want_sysctl net.core.somaxconn 65535
 want_sysctl net.ipv4.tcp_max_syn_backlog 65535
 
 mkdir -p "$dir"
+tls_args=()
+if [ "$tls" = 1 ]; then
+  scripts/make-certs.sh "$dir/certs" >/dev/null
+  tls_args=(--tls --tls-ca "$dir/certs/ca.pem")
+fi
 key=$(od -An -tx1 -N32 /dev/urandom | tr -d ' \n')
 pids="" gateways=""
 for ((i = 0; i < nodes; i++)); do
@@ -115,10 +123,19 @@ send_rate_per_s = 0
 [cluster]
 node_id = $i
 nodes = $nodes
+[tls]
+enabled = $([ "$tls" = 1 ] && echo true || echo false)
+listen = "127.0.0.1:$((port + 1000 + i))"
+cert_file = "$dir/certs/server.pem"
+key_file = "$dir/certs/server.key"
 EOF
   GATEHOUSE_LOG=warn GATEHOUSE_ADMIN__LISTEN=127.0.0.1:0 "$bin/gatehouse" run --config "$nd/gatehouse.toml" > "$nd/stdout.log" 2> "$nd/stderr.log" &
   pids="$pids $!"
-  gateways="$gateways,127.0.0.1:$((port + i))"
+  if [ "$tls" = 1 ]; then
+    gateways="$gateways,127.0.0.1:$((port + 1000 + i))"
+  else
+    gateways="$gateways,127.0.0.1:$((port + i))"
+  fi
 done
 pid_list=$(echo $pids | tr ' ' ',')
 for ((i = 0; i < nodes; i++)); do
@@ -129,7 +146,7 @@ echo "loadtest: $nodes gateway node(s) x $shards shard(s) up (open-file limit $f
 
 set +e
 "$bin/loadgen" run "$@" --users "$users" --gateway "${gateways#,}" --key-hex "$key" \
-  --gateway-pids "$pid_list" --report "$dir/report.json"
+  --gateway-pids "$pid_list" --report "$dir/report.json" "${tls_args[@]}"
 rc=$?
 set -e
 echo "loadtest: loadgen exit status $rc; report: $dir/report.json; node logs: $dir/node-*/"

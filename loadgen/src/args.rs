@@ -19,6 +19,10 @@ pub enum Scenario {
     Offline,
     /// Chat while users disconnect and reconnect at a rate.
     Churn,
+    /// Connection setup cost: every user connects and logs in (with --tls: a full handshake),
+    /// all disconnect, then all connect again (with --tls: resumed from a session ticket).
+    /// Reports both rates.
+    Handshake,
 }
 
 /// Every option of a run.
@@ -96,6 +100,21 @@ pub struct RunArgs {
     /// Overall time limit of the run, seconds: every phase stops by then.
     #[arg(long, default_value_t = 600)]
     pub max_run_s: u64,
+    /// Connect with TLS (the --gateway addresses are then the gateways' TLS listeners).
+    #[arg(long)]
+    pub tls: bool,
+    /// With --tls: the CA certificate(s) to trust (PEM), e.g. from scripts/make-certs.sh.
+    #[arg(long, default_value = "certs/ca.pem")]
+    pub tls_ca: PathBuf,
+    /// With --tls: the name the gateway's certificate must carry.
+    #[arg(long, default_value = "localhost")]
+    pub tls_server_name: String,
+    /// With --tls: key-exchange groups to offer, most preferred first (default: rustls's).
+    #[arg(long, value_delimiter = ',')]
+    pub tls_kx_groups: Vec<String>,
+    /// With --tls: never resume sessions (every connection does a full handshake).
+    #[arg(long)]
+    pub tls_no_resume: bool,
 }
 
 /// Parses `--src-ips`.

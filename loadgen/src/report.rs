@@ -32,6 +32,25 @@ pub fn rss_anon_kib(pids: &[u32]) -> Option<u64> {
     Some(total)
 }
 
+/// CPU time (user + system) the `pids` have used so far, seconds; `None` without pids or if
+/// one is unreadable. From /proc/PID/stat (fields 14 and 15, in clock ticks).
+pub fn cpu_s(pids: &[u32]) -> Option<f64> {
+    if pids.is_empty() {
+        return None;
+    }
+    // SAFETY: sysconf has no preconditions.
+    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    let mut total = 0u64;
+    for pid in pids {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        // The command name (field 2) may hold spaces; count fields after its ')'.
+        let rest = &stat[stat.rfind(')')? + 2..];
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        total += f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?;
+    }
+    Some(total as f64 / ticks)
+}
+
 /// Prints one progress line (to stderr, so stdout stays clean for scripts).
 pub fn progress_line(
     elapsed: Duration,
@@ -156,6 +175,18 @@ pub struct Report {
     pub connect_s: f64,
     /// Logins per second during the connect phase.
     pub login_rate: f64,
+    /// Handshake scenario: logins per second when everyone reconnects (with --tls, resumed
+    /// sessions).
+    #[serde(default)]
+    pub reconnect_rate: f64,
+    /// Handshake scenario: logins in the reconnect phase.
+    #[serde(default)]
+    pub reconnect_logins: u64,
+    /// Handshake scenario with --gateway-pids: logins per second of gateway CPU time in the
+    /// connect phase (full handshakes with --tls) and the reconnect phase (resumed), i.e.
+    /// per core the gateway used.
+    #[serde(default)]
+    pub logins_per_gateway_cpu_s: Option<(f64, f64)>,
     /// Main phase, s (slowest worker).
     pub main_s: f64,
     /// Drain phase, s (slowest worker).
@@ -194,6 +225,7 @@ impl Report {
         let mut loss = LossReport::default();
         let mut hists: BTreeMap<String, Histogram<u64>> = BTreeMap::new();
         let (mut connect_s, mut main_s, mut drain_s, mut final_pongs) = (0f64, 0f64, 0f64, 0);
+        let mut reconnect_logins = 0u64;
         for r in &results {
             counters.add(&r.counters);
             loss.add(&r.loss);
@@ -207,6 +239,7 @@ impl Report {
             main_s = main_s.max(r.main_s);
             drain_s = drain_s.max(r.drain_s);
             final_pongs += r.final_pongs;
+            reconnect_logins += r.reconnect_logins;
         }
         let per_conn = match (rss_before, rss_connected) {
             (Some(a), Some(b)) if max_connected > 0 => {
@@ -229,7 +262,19 @@ impl Report {
             procs,
             machine: Machine::read(fd_limit),
             elapsed_s: elapsed.as_secs_f64(),
-            login_rate: counters.logins as f64 / connect_s.max(1e-3),
+            login_rate: (counters.logins - reconnect_logins) as f64 / connect_s.max(1e-3),
+            reconnect_rate: if args.scenario == Scenario::Handshake {
+                reconnect_logins as f64 / main_s.max(1e-3)
+            } else {
+                0.0
+            },
+            reconnect_logins,
+            logins_per_gateway_cpu_s: results.iter().find_map(|r| r.gateway_cpu_s).map(|(a, b)| {
+                (
+                    (counters.logins - reconnect_logins) as f64 / a.max(1e-3),
+                    reconnect_logins as f64 / b.max(1e-3),
+                )
+            }),
             acked_per_s: counters.acked as f64 / main_s.max(1e-3),
             drain_per_s: if args.scenario == Scenario::Offline {
                 loss.delivered_distinct as f64 / drain_s.max(1e-3)
@@ -268,6 +313,23 @@ impl Report {
             self.connect_s, self.login_rate
         );
         println!("main phase          {:.1} s", self.main_s);
+        if self.config.scenario == Scenario::Handshake {
+            println!(
+                "reconnect phase     {:.1} s  ({:.0} logins/s)",
+                self.main_s, self.reconnect_rate
+            );
+            if let Some((a, b)) = self.logins_per_gateway_cpu_s {
+                println!(
+                    "per gateway core    {a:.0} logins/s connecting, {b:.0} logins/s reconnecting (per CPU-second of the gateway)"
+                );
+            }
+        }
+        if self.config.tls {
+            println!(
+                "tls handshakes      {} full, {} resumed",
+                c.tls_full, c.tls_resumed
+            );
+        }
         println!(
             "sent / acked        {} / {}  ({:.0} acked/s)  refused {}  skipped {}",
             c.sent, c.acked, self.acked_per_s, c.refused, c.send_skipped
@@ -327,6 +389,13 @@ impl Report {
             eprintln!(
                 "loadgen: INCOMPLETE: only {} of {expected} users were connected at once",
                 self.max_connected
+            );
+            return ExitCode::from(3);
+        }
+        if self.config.scenario == Scenario::Handshake && self.reconnect_logins < expected {
+            eprintln!(
+                "loadgen: INCOMPLETE: only {} of {expected} users logged in again",
+                self.reconnect_logins
             );
             return ExitCode::from(3);
         }

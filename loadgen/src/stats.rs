@@ -96,6 +96,12 @@ pub struct Counters {
     /// Reconnects made by `--reconnect` after the gateway closed or refused a connection.
     #[serde(default)]
     pub reconnects: u64,
+    /// TLS handshakes completed in full.
+    #[serde(default)]
+    pub tls_full: u64,
+    /// TLS handshakes completed by resuming a session.
+    #[serde(default)]
+    pub tls_resumed: u64,
     /// ERROR and GO_AWAY frames and connection failures, by reason.
     pub errors: BTreeMap<String, u64>,
 }
@@ -116,6 +122,8 @@ impl Counters {
         self.pings += o.pings;
         self.pongs += o.pongs;
         self.send_skipped += o.send_skipped;
+        self.tls_full += o.tls_full;
+        self.tls_resumed += o.tls_resumed;
         self.reconnects += o.reconnects;
         for (k, v) in &o.errors {
             *self.errors.entry(k.clone()).or_default() += v;

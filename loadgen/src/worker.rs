@@ -45,6 +45,58 @@ const FINAL_PING: u64 = 1 << 63;
 /// Read scratch per executor.
 const SCRATCH_BYTES: usize = 64 * 1024;
 
+/// A client connection's byte stream: TCP, or TLS over TCP (rustls, via futures-rustls).
+enum Stream {
+    Plain(TcpStream),
+    Tls(Box<futures_rustls::client::TlsStream<TcpStream>>),
+}
+
+impl AsyncRead for Stream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut [u8],
+    ) -> Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Stream::Tls(s) => Pin::new(&mut **s).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Stream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            Stream::Tls(s) => Pin::new(&mut **s).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_flush(cx),
+            Stream::Tls(s) => Pin::new(&mut **s).poll_flush(cx),
+        }
+    }
+
+    fn poll_close(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_close(cx),
+            Stream::Tls(s) => Pin::new(&mut **s).poll_close(cx),
+        }
+    }
+}
+
+/// `--tls`: the client settings every connection starts from, and the name to check.
+struct TlsSetup {
+    base: Arc<rustls::ClientConfig>,
+    server_name: rustls::pki_types::ServerName<'static>,
+}
+
 /// What a worker prints on stdout, one JSON object per line.
 #[derive(Debug, Serialize, Deserialize)]
 pub enum WorkerLine {
@@ -78,6 +130,12 @@ pub struct WorkerResult {
     pub drain_s: f64,
     /// Connections answering the final PING (idle).
     pub final_pongs: u64,
+    /// Handshake: logins in the reconnect phase.
+    #[serde(default)]
+    pub reconnect_logins: u64,
+    /// Handshake with --gateway-pids: gateway CPU seconds in the connect and reconnect phases.
+    #[serde(default)]
+    pub gateway_cpu_s: Option<(f64, f64)>,
 }
 
 /// State shared by the executors of one worker.
@@ -107,6 +165,7 @@ struct Shared {
     stop: AtomicBool,
     connect_gap_ns: u64,
     cores: usize,
+    tls: Option<TlsSetup>,
 }
 
 impl Shared {
@@ -209,6 +268,11 @@ struct Exec {
     index: usize,
     /// Answers to the final PING.
     final_pongs: Cell<u64>,
+    /// `--tls`: each user's client settings with its own session cache (a real client keeps
+    /// its tickets; one shared cache would hold only a few for the one server name).
+    tls_configs: RefCell<HashMap<u32, Arc<rustls::ClientConfig>>>,
+    /// TCP connect + TLS handshake time, µs.
+    h_tls: RefCell<Histogram<u64>>,
 }
 
 impl Exec {
@@ -274,11 +338,56 @@ impl Exec {
         c
     }
 
+    /// The TLS settings of user `idx` (made on first use, then kept: its session cache).
+    fn tls_config(&self, tls: &TlsSetup, idx: u32) -> Arc<rustls::ClientConfig> {
+        self.tls_configs
+            .borrow_mut()
+            .entry(idx)
+            .or_insert_with(|| {
+                let mut c = (*tls.base).clone();
+                if !self.sh.args.tls_no_resume {
+                    c.resumption = rustls::client::Resumption::store(Arc::new(
+                        rustls::client::ClientSessionMemoryCache::new(1),
+                    ));
+                }
+                Arc::new(c)
+            })
+            .clone()
+    }
+
+    /// Connects user `idx`, with a TLS handshake when `--tls`.
+    async fn open(&self, idx: u32) -> Result<Stream, String> {
+        let t0 = Instant::now();
+        let tcp = self
+            .connect(idx)
+            .map_err(|e| format!("connect: {}", e.kind()))?;
+        let Some(tls) = &self.sh.tls else {
+            return Ok(Stream::Plain(tcp));
+        };
+        let connector = futures_rustls::TlsConnector::from(self.tls_config(tls, idx));
+        let s = connector
+            .connect(tls.server_name.clone(), tcp)
+            .await
+            .map_err(|e| format!("tls: {e}"))?;
+        record(&self.h_tls, t0.elapsed().as_micros() as u64);
+        let resumed = matches!(
+            s.get_ref().1.handshake_kind(),
+            Some(rustls::HandshakeKind::Resumed)
+        );
+        let mut k = self.counters.borrow_mut();
+        if resumed {
+            k.tls_resumed += 1;
+        } else {
+            k.tls_full += 1;
+        }
+        Ok(Stream::Tls(Box::new(s)))
+    }
+
     async fn serve(self: Rc<Self>, c: Rc<LConn>) {
-        let mut stream = match self.connect(c.idx) {
+        let mut stream = match self.open(c.idx).await {
             Ok(s) => s,
             Err(e) => {
-                self.fail(&c, &format!("connect: {}", e.kind()));
+                self.fail(&c, &e);
                 self.maybe_reconnect(&c);
                 return;
             }
@@ -352,7 +461,7 @@ impl Exec {
     fn poll_conn(
         &self,
         c: &LConn,
-        stream: &mut TcpStream,
+        stream: &mut Stream,
         cx: &mut Context<'_>,
     ) -> Poll<std::io::Result<()>> {
         *c.waker.borrow_mut() = Some(cx.waker().clone());
@@ -376,6 +485,10 @@ impl Exec {
                     Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
                     Poll::Pending => break,
                 }
+            }
+            // TLS keeps written records until flushed (a no-op on TCP).
+            if let Poll::Ready(Err(e)) = Pin::new(&mut *stream).poll_flush(cx) {
+                return Poll::Ready(Err(e));
             }
             if c.closing.get() && c.out.borrow().is_empty() {
                 return Poll::Ready(Ok(()));
@@ -831,6 +944,10 @@ struct ExecOut {
     main_s: f64,
     drain_s: f64,
     final_pongs: u64,
+    /// Handshake scenario: logins in the reconnect phase.
+    reconnect_logins: u64,
+    /// Handshake scenario: gateway CPU seconds per phase (executor 0 samples them).
+    gateway_cpu_s: Option<(f64, f64)>,
 }
 
 async fn run_exec(
@@ -863,6 +980,8 @@ async fn run_exec(
         main_s: 0.0,
         drain_s: 0.0,
         final_pongs: 0,
+        reconnect_logins: 0,
+        gateway_cpu_s: None,
     };
     let t0 = Instant::now();
     match sh.args.scenario {
@@ -884,6 +1003,40 @@ async fn run_exec(
             out.main_s = t1.elapsed().as_secs_f64();
             ex.barrier().await;
             out.drain_s = ex.drain(true).await;
+        }
+        Scenario::Handshake => {
+            // Phase 1: every user connects (full handshakes; tickets go into each user's
+            // cache). Phase 2: all disconnect, then connect again (resumed).
+            let cpu = || crate::report::cpu_s(&sh.args.gateway_pids);
+            let cpu0 = cpu();
+            ex.connect_all(&ex.users).await;
+            out.connect_s = t0.elapsed().as_secs_f64();
+            ex.barrier().await;
+            let cpu1 = cpu();
+            for c in ex.conns.borrow().values() {
+                c.retired.set(true);
+                c.closing.set(true);
+                c.wake();
+            }
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while ex.conns.borrow().values().any(|c| !c.done.get()) && Instant::now() < deadline {
+                glommio::timer::sleep(Duration::from_millis(5)).await;
+            }
+            ex.conns.borrow_mut().clear();
+            ex.barrier().await;
+            let cpu2 = cpu();
+            let t1 = Instant::now();
+            let logins_before = ex.counters.borrow().logins;
+            ex.connect_all(&ex.users).await;
+            out.main_s = t1.elapsed().as_secs_f64();
+            out.reconnect_logins = ex.counters.borrow().logins - logins_before;
+            ex.barrier().await;
+            // One executor of one worker speaks for the gateway's CPU (all see the same).
+            if ex.index == 0 && num_workers() == 1 {
+                if let (Some(a), Some(b), Some(c), Some(d)) = (cpu0, cpu1, cpu2, cpu()) {
+                    out.gateway_cpu_s = Some((b - a, d - c));
+                }
+            }
         }
         Scenario::Offline => {
             // Half the users send and half receive later, split by each executor's local
@@ -945,6 +1098,7 @@ async fn run_exec(
         ("login".into(), ex.h_login.borrow().clone()),
         ("ack".into(), ex.h_ack.borrow().clone()),
         ("deliver".into(), ex.h_deliver.borrow().clone()),
+        ("tls".into(), ex.h_tls.borrow().clone()),
     ];
     glommio::timer::sleep(Duration::from_millis(50)).await;
     out
@@ -984,6 +1138,21 @@ pub fn run(args: RunArgs, index: usize, workers: usize) -> anyhow::Result<()> {
         stop: AtomicBool::new(false),
         connect_gap_ns: (1e9 * cores as f64 / per_worker_rate) as u64,
         cores,
+        tls: if args.tls {
+            let t = gatehouse::client::TlsClientConfig::from_ca_file(
+                &args.tls_ca,
+                &args.tls_server_name,
+                &args.tls_kx_groups,
+                0,
+            )
+            .map_err(|e| anyhow::anyhow!("--tls: {e}"))?;
+            Some(TlsSetup {
+                base: t.config,
+                server_name: t.server_name,
+            })
+        } else {
+            None
+        },
         args,
     });
     let (ptx, prx) = mpsc::channel::<(usize, Counters, Histogram<u64>)>();
@@ -1038,6 +1207,8 @@ pub fn run(args: RunArgs, index: usize, workers: usize) -> anyhow::Result<()> {
                     barriers: Cell::new(0),
                     index: e,
                     final_pongs: Cell::new(0),
+                    tls_configs: RefCell::new(HashMap::new()),
+                    h_tls: RefCell::new(histogram()),
                 });
                 run_exec(ex, ptx).await
             })
@@ -1092,6 +1263,8 @@ pub fn run(args: RunArgs, index: usize, workers: usize) -> anyhow::Result<()> {
         result.main_s = result.main_s.max(o.main_s);
         result.drain_s = result.drain_s.max(o.drain_s);
         result.final_pongs += o.final_pongs;
+        result.reconnect_logins += o.reconnect_logins;
+        result.gateway_cpu_s = result.gateway_cpu_s.or(o.gateway_cpu_s);
     }
     watchdog_stop.store(true, Ordering::Relaxed);
     let _ = watchdog.join();

@@ -325,3 +325,109 @@ fn kill_9_under_chat_load_loses_nothing_acknowledged() {
     );
     drop(gw);
 }
+
+/// A gateway with its TLS listener on, with a CA and certificate made by
+/// scripts/make-certs.sh; returns the gateway (TLS address) and the CA file.
+fn tls_gateway(dir: &Path) -> (Gateway, PathBuf) {
+    let certs = dir.join("certs");
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/make-certs.sh");
+    let out = Command::new("bash")
+        .arg(&script)
+        .arg(&certs)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let cert = certs.join("server.pem").display().to_string();
+    let key = certs.join("server.key").display().to_string();
+    let env = [
+        ("GATEHOUSE_TLS__ENABLED", "true"),
+        ("GATEHOUSE_TLS__LISTEN", "127.0.0.1:0"),
+        ("GATEHOUSE_TLS__CERT_FILE", cert.as_str()),
+        ("GATEHOUSE_TLS__KEY_FILE", key.as_str()),
+    ];
+    for _ in 0..2 {
+        let cfg = dir.join("tls.toml");
+        std::fs::write(
+            &cfg,
+            format!(
+                "[server]\nlisten = \"127.0.0.1:0\"\nshards = 2\n[store]\ndata_dir = {:?}\nmap_size_mib = 256\n[auth]\nkey_hex = \"{KEY}\"\n[admin]\nenabled = false\n",
+                dir.join("tls-data")
+            ),
+        )
+        .unwrap();
+        let mut cmd = Command::new(gatehouse_bin());
+        cmd.args(["run", "--config"])
+            .arg(&cfg)
+            .env("GATEHOUSE_LOG", "error")
+            .stdout(Stdio::piped());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().unwrap();
+        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        let _tcp = lines.next();
+        let tls = lines.next().and_then(|l| l.ok()).unwrap_or_default();
+        if tls.starts_with("gatehouse tls listening on") {
+            let addr = tls.rsplit(' ').next().unwrap().to_string();
+            return (Gateway { child, addr }, certs.join("ca.pem"));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    panic!("TLS gateway did not start twice");
+}
+
+#[test]
+fn tls_handshake_and_chat_scenarios() {
+    let dir = tempfile::tempdir().unwrap();
+    let (g, ca) = tls_gateway(dir.path());
+    let ca = ca.display().to_string();
+    let common = [
+        "--gateway",
+        &g.addr,
+        "--tls",
+        "--tls-ca",
+        &ca,
+        "--procs",
+        "1",
+        "--cores",
+        "1",
+        "--max-run-s",
+        "60",
+    ];
+    // Full handshakes, then every user reconnects and resumes from its own ticket.
+    let mut a = common.to_vec();
+    a.extend(["handshake", "--users", "200", "--connect-rate", "2000"]);
+    let (code, r) = loadgen(dir.path(), &a);
+    assert_eq!(code, 0);
+    assert_eq!(n(&r, "counters.tls_full"), 200);
+    assert_eq!(n(&r, "counters.tls_resumed"), 200);
+    assert_eq!(n(&r, "reconnect_logins"), 200);
+    // Chat over TLS: every acknowledged message delivered, with its receipt.
+    let mut a = common.to_vec();
+    a.extend([
+        "chat",
+        "--users",
+        "100",
+        "--rate",
+        "2000",
+        "--duration-s",
+        "2",
+        "--drain-timeout-s",
+        "10",
+        "--body-bytes",
+        "2000",
+    ]);
+    let (code, r) = loadgen(dir.path(), &a);
+    assert_eq!(code, 0);
+    assert!(n(&r, "counters.acked") > 3000, "{r}");
+    assert_eq!(n(&r, "loss.lost"), 0);
+    assert_eq!(
+        n(&r, "counters.receipts_delivered"),
+        n(&r, "counters.acked")
+    );
+}
