@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Runs the cargo-fuzz targets in fuzz/ for a bounded time each: the frame decoder, the login
-# token parser and the connection state machine fed arbitrary byte streams.
+# token parser, the connection state machine, the WebSocket server side and the TLS server
+# driver (before and after a real handshake) fed arbitrary byte streams.
 #
 #   scripts/fuzz.sh [--seconds N] [TARGET ...]     (default: 10 s each, every target)
 #
@@ -27,7 +28,7 @@ while (($#)); do
     *) targets+=("$1"); shift ;;
   esac
 done
-((${#targets[@]})) || targets=(frame_decoder token_parser session_stream)
+((${#targets[@]})) || targets=(frame_decoder token_parser session_stream ws_session tls_session)
 
 if ! cargo fuzz --version >/dev/null 2>&1; then
   echo "fuzz: installing cargo-fuzz"

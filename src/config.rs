@@ -113,7 +113,11 @@ pub struct RuntimeSection {
     /// glommio's registered (locked) I/O memory per shard, KiB. TCP does not use it; keep it
     /// small so that many processes fit under RLIMIT_MEMLOCK.
     pub io_memory_kib: usize,
-    /// io_uring ring depth per shard.
+    /// io_uring ring depth per shard. Deep rings matter with many connections: glommio cancels
+    /// its preemption timers on every reactor turn, and the kernel looks each cancelled
+    /// request up in the poll table first, whose bucket count grows with the ring (8 buckets
+    /// at 128 entries, the maximum of 256 from 4096). With every idle connection's poll in that
+    /// table, a shallow ring makes each turn scan thousands of them (docs/architecture.md).
     pub ring_depth: usize,
     /// Heartbeat period per shard, ms: bounds glommio 0.9's executor stall (0 disables).
     pub heartbeat_ms: u64,
@@ -129,7 +133,7 @@ impl Default for RuntimeSection {
     fn default() -> Self {
         RuntimeSection {
             io_memory_kib: 64,
-            ring_depth: 128,
+            ring_depth: 4096,
             heartbeat_ms: limits::HEARTBEAT_MS_DEFAULT,
             stall_threshold_ms: 200,
             preempt_timer_us: 500,
@@ -279,9 +283,10 @@ pub struct TlsSection {
     pub cert_file: PathBuf,
     /// PEM private key (PKCS#8, PKCS#1 or SEC1) of the leaf certificate.
     pub key_file: PathBuf,
-    /// Key-exchange groups, most preferred first (`x25519`, `secp256r1`, `secp384r1`,
-    /// `x25519mlkem768`, ...). A client that offers a key share for a group in the list gets
-    /// it without a second round trip.
+    /// Key-exchange groups the server accepts (`x25519mlkem768`, `x25519`, `secp256r1`,
+    /// `secp384r1`, ...). rustls takes the first group in the *client's* order that is in
+    /// this list, so the list is a set: drop `x25519mlkem768` to refuse the post-quantum
+    /// hybrid (cheaper handshakes), or list only it to require it.
     pub kx_groups: Vec<String>,
     /// Protocol versions: `"1.3"` and/or `"1.2"`.
     pub versions: Vec<String>,
@@ -301,7 +306,7 @@ impl Default for TlsSection {
             listen: "127.0.0.1:7443".parse().expect("valid literal"),
             cert_file: PathBuf::from("certs/server.pem"),
             key_file: PathBuf::from("certs/server.key"),
-            kx_groups: vec!["x25519".into(), "secp256r1".into(), "x25519mlkem768".into()],
+            kx_groups: vec!["x25519mlkem768".into(), "x25519".into(), "secp256r1".into()],
             versions: vec!["1.3".into(), "1.2".into()],
             session_tickets: true,
             record_offload: true,

@@ -381,3 +381,27 @@ fn make_certs_script_and_cli_clients_over_tls() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("certificate"), "{err}");
 }
+
+#[test]
+fn clients_pick_among_the_enabled_groups_in_their_own_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = TestPki::new(dir.path());
+    let node = start(tls_config(&dir.path().join("data"), &pki));
+    let addr = node.tls_addr.unwrap();
+    // A client that offers the hybrid first (as browsers do) gets it.
+    let pq = TlsClientConfig::from_ca_file(
+        &pki.ca,
+        "localhost",
+        &["x25519mlkem768".into(), "x25519".into()],
+        0,
+    )
+    .unwrap();
+    let c = login_tls(addr, &pq, 11, 1);
+    assert_eq!(c.tls_kx_group().as_deref(), Some("x25519mlkem768"));
+    // A client that lists x25519 first gets it: rustls follows the client's order among the
+    // enabled groups (the server's list is a set), so no client pays a retry round trip.
+    let classic = pki.client();
+    let c2 = login_tls(addr, &classic, 12, 1);
+    assert_eq!(c2.tls_kx_group().as_deref(), Some("x25519"));
+    node.shutdown().unwrap();
+}

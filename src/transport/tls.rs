@@ -155,6 +155,18 @@ pub fn kx_groups_by_name(
 
 fn provider_for(section: &TlsSection) -> Result<CryptoProvider, TlsSetupError> {
     let mut provider = rustls::crypto::aws_lc_rs::default_provider();
+    // Server preference (see `ignore_client_order` below): AES-128-GCM with SHA-256 first. Its
+    // handshake hashing uses SHA-256, which x86 CPUs accelerate (SHA-NI); clients list
+    // AES-256-GCM-SHA384 first, whose SHA-384 runs in software and was the largest single
+    // cost of a full handshake measured here (docs/benchmarks.md).
+    provider.cipher_suites.sort_by_key(|s| {
+        let name = format!("{:?}", s.suite());
+        (
+            !name.starts_with("TLS13"),
+            !name.contains("AES_128_GCM"),
+            !name.contains("CHACHA20"),
+        )
+    });
     let groups = kx_groups_by_name(&section.kx_groups)?;
     if groups.is_empty() {
         return Err(TlsSetupError::Setting {
@@ -278,6 +290,7 @@ impl TlsContext {
             config.send_tls13_tickets = 0;
         }
         config.alpn_protocols = Vec::new();
+        config.ignore_client_order = true;
         // Lets an established TLS 1.3 session hand its keys to `record::RecordLayer`.
         config.enable_secret_extraction = section.record_offload;
         Ok((
@@ -541,28 +554,20 @@ impl TlsSession {
     /// Like every call here that only wants output, it passes the retained input
     /// (`pending_in`), never an empty slice: rustls remembers how far into the buffer it has
     /// looked (a handshake message split over records stays in place), and a shorter buffer
-    /// than that makes it index out of bounds.
+    /// than that makes it index out of bounds. And it calls rustls only while an alert is
+    /// queued (`wants_write`): rustls hands queued records out before it reads input, but with
+    /// nothing queued it would parse the bad input again and raise a second fatal alert (a
+    /// debug assertion in rustls; found by the `tls_session` fuzz target).
     fn drain_alerts(&mut self, wire: &mut Vec<u8>) {
         for _ in 0..4 {
-            let UnbufferedStatus { discard, state } = self
-                .conn
-                .as_mut()
-                .expect("rustls runs the connection")
-                .process_tls_records(&mut self.pending_in);
-            let go_on = match state {
-                Ok(ConnectionState::EncodeTlsData(mut e)) => {
-                    encode_into(&mut e, wire);
-                    true
-                }
-                Ok(ConnectionState::TransmitTlsData(t)) => {
-                    t.done();
-                    true
-                }
-                _ => false,
-            };
-            self.pending_in.drain(..discard);
-            if !go_on {
+            let conn = self.conn.as_mut().expect("rustls runs the connection");
+            if !conn.wants_write() {
                 return;
+            }
+            let UnbufferedStatus { state, .. } = conn.process_tls_records(&mut self.pending_in);
+            match state {
+                Ok(ConnectionState::EncodeTlsData(mut e)) => encode_into(&mut e, wire),
+                _ => return,
             }
         }
     }
@@ -907,9 +912,13 @@ mod tests {
                 &[0x16, 0x03, 0x01, 0x00, 0x04, 0x01, 0x00, 0x00, 0x00][..],
                 true,
             ),
+            // Found by the tls_session fuzz target: bytes that are no record type at all.
+            // Draining the alert used to parse them a second time (a second fatal alert).
+            (&[0x0a][..], true),
+            (&[0x0a, 0x0a, 0x0a, 0x0a, 0x0a, 0x0a][..], true),
         ] {
             // Whole, and split after the record header.
-            for cut in [input.len(), 5] {
+            for cut in [input.len(), input.len().min(5)] {
                 let mut s = TlsSession::new(ctx.config.clone()).unwrap();
                 let (mut plain, mut wire) = (Vec::new(), Vec::new());
                 let mut a = input[..cut].to_vec();
