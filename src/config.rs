@@ -173,6 +173,15 @@ pub struct LimitsSection {
     /// ERROR(rate_limited) for each refused SEND, and a close after
     /// `limits::SEND_REFUSALS_MAX` refusals in a row. 0 turns the limit off.
     pub send_rate_per_s: u32,
+    /// Presence subscriptions one connection may hold (its contacts); past it, SUBSCRIBE gets
+    /// ERROR(presence_limit) and adds none.
+    pub presence_subscriptions_max: usize,
+    /// Connections that may follow one user's presence; past it, the extra subscriptions get
+    /// ERROR(presence_limit) naming the user.
+    pub presence_subscribers_max: usize,
+    /// Typing indicators per second one connection may send (bursts of twice that); past it
+    /// they are dropped (counted). 0 turns the limit off.
+    pub typing_rate_per_s: u32,
 }
 
 impl Default for LimitsSection {
@@ -189,6 +198,9 @@ impl Default for LimitsSection {
             write_stall_timeout_ms: limits::WRITE_STALL_TIMEOUT_MS_DEFAULT,
             connect_rate_per_source: limits::CONNECT_RATE_PER_SOURCE_DEFAULT,
             send_rate_per_s: limits::SEND_RATE_PER_S_DEFAULT,
+            presence_subscriptions_max: limits::PRESENCE_SUBSCRIPTIONS_MAX_DEFAULT,
+            presence_subscribers_max: limits::PRESENCE_SUBSCRIBERS_MAX_DEFAULT,
+            typing_rate_per_s: limits::TYPING_RATE_PER_S_DEFAULT,
         }
     }
 }
@@ -595,6 +607,20 @@ impl Config {
             return Err(invalid(
                 "limits.connect_rate_per_source / limits.send_rate_per_s",
                 format!("at most {} (0 turns a limit off)", limits::RATE_PER_S_MAX),
+            ));
+        }
+        if !(1..=limits::PRESENCE_LIMIT_CEILING).contains(&l.presence_subscriptions_max)
+            || !(1..=limits::PRESENCE_LIMIT_CEILING).contains(&l.presence_subscribers_max)
+        {
+            return Err(invalid(
+                "limits.presence_subscriptions_max / limits.presence_subscribers_max",
+                format!("must be in 1..={}", limits::PRESENCE_LIMIT_CEILING),
+            ));
+        }
+        if l.typing_rate_per_s > limits::RATE_PER_S_MAX {
+            return Err(invalid(
+                "limits.typing_rate_per_s",
+                format!("at most {} (0 turns the limit off)", limits::RATE_PER_S_MAX),
             ));
         }
         if l.write_stall_timeout_ms == 0 {

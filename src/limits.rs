@@ -129,3 +129,13 @@ pub const WS_SUBPROTOCOL: &str = "gatehouse.v1";
 pub const TLS_WRITE_PLAIN_BYTES_MAX: usize = 64 * 1024;
 
 const _: () = assert!(WS_HEADER_BYTES_MAX < WS_HEADER_BYTES_MAX_CLIENT);
+
+/// Default presence subscriptions per connection (a user's contacts; WhatsApp-sized address
+/// books rarely pass a few hundred who use the app).
+pub const PRESENCE_SUBSCRIPTIONS_MAX_DEFAULT: usize = 2_000;
+/// Default connections that may follow one user's presence (per node).
+pub const PRESENCE_SUBSCRIBERS_MAX_DEFAULT: usize = 10_000;
+/// Largest configurable presence limit (either kind).
+pub const PRESENCE_LIMIT_CEILING: usize = 1_000_000;
+/// Default typing indicators per second per connection (bursts of twice that).
+pub const TYPING_RATE_PER_S_DEFAULT: u32 = 5;

@@ -167,6 +167,18 @@ pub struct ShardSnapshot {
     pub tls_handshakes_resumed: u64,
     /// WebSocket upgrades completed.
     pub ws_upgrades: u64,
+    /// Presence subscriptions held on the shard's users now.
+    pub presence_watchers: u64,
+    /// PRESENCE frames queued to followers.
+    pub presence_sent: u64,
+    /// Presence subscriptions refused at a limit.
+    pub presence_refused: u64,
+    /// Typing indicators forwarded.
+    pub typing_forwarded: u64,
+    /// Typing indicators dropped (rate, offline recipient, block).
+    pub typing_dropped: u64,
+    /// SENDs refused because the recipient blocks the sender.
+    pub sends_blocked: u64,
     /// Outbound bytes queued on the shard's connections now (the memory budget's gauge).
     pub outbound_bytes_queued: u64,
     /// Group commit latency, µs, at [`LATENCY_BOUNDS_US`].
@@ -542,6 +554,48 @@ impl prometheus_client::collector::Collector for Snapshots {
         )?;
         gauge(
             e,
+            "presence_subscriptions",
+            "Presence subscriptions held on the shard's users (limits.presence_subscribers_max each)",
+            f,
+            |s| s.presence_watchers,
+        )?;
+        counter(
+            e,
+            "presence_sent",
+            "PRESENCE frames queued to followers",
+            f,
+            |s| s.presence_sent,
+        )?;
+        counter(
+            e,
+            "presence_refused",
+            "Presence subscriptions refused at a limit",
+            f,
+            |s| s.presence_refused,
+        )?;
+        counter(
+            e,
+            "typing_forwarded",
+            "Typing indicators written to a recipient's connections",
+            f,
+            |s| s.typing_forwarded,
+        )?;
+        counter(
+            e,
+            "typing_dropped",
+            "Typing indicators dropped: over the sender's rate, recipient offline, or blocked",
+            f,
+            |s| s.typing_dropped,
+        )?;
+        counter(
+            e,
+            "sends_blocked",
+            "SENDs refused with ERROR(blocked): the recipient blocks the sender",
+            f,
+            |s| s.sends_blocked,
+        )?;
+        gauge(
+            e,
             "outbound_bytes_queued",
             "Outbound bytes queued on the shard's connections (limits.shard_outbound_bytes_max)",
             f,
@@ -661,6 +715,12 @@ mod tests {
             tls_handshakes_full: 0,
             tls_handshakes_resumed: 0,
             ws_upgrades: 0,
+            presence_watchers: 0,
+            presence_sent: 0,
+            presence_refused: 0,
+            typing_forwarded: 0,
+            typing_dropped: 0,
+            sends_blocked: 0,
             outbound_bytes_queued: 0,
             commit_us: Buckets::default(),
             commit_ops: Buckets::default(),

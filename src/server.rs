@@ -200,6 +200,9 @@ pub fn start(config: Config) -> anyhow::Result<ServerHandle> {
         send_rate_per_s: config.limits.send_rate_per_s,
         drain_deadline_ms: config.server.drain_deadline_ms,
         drain_unready_ms: config.server.drain_unready_ms,
+        presence_subscriptions_max: config.limits.presence_subscriptions_max,
+        presence_subscribers_max: config.limits.presence_subscribers_max,
+        typing_rate_per_s: config.limits.typing_rate_per_s,
         test_drop_delivery_every: test_drop_delivery_every(),
     };
 
@@ -302,6 +305,10 @@ pub fn start(config: Config) -> anyhow::Result<ServerHandle> {
             shards,
             listeners: listener,
             tls: tls.clone(),
+            blockers: o
+                .store
+                .blockers()
+                .with_context(|| format!("reading shard {i}'s block list"))?,
             store: o.store,
             epoch: o.epoch,
             senders,

@@ -54,6 +54,32 @@ pub enum Command {
         /// Ids.
         ids: Vec<ServerMsgId>,
     },
+    /// Follow (`true`) or stop following (`false`) these users' presence.
+    Subscribe {
+        /// Subscribe or unsubscribe.
+        add: bool,
+        /// Targets.
+        users: Vec<UserId>,
+    },
+    /// Forward a typing indicator.
+    Typing {
+        /// Recipient.
+        to: UserId,
+        /// Composing or paused.
+        state: crate::proto::TypingState,
+    },
+    /// Change the privacy setting.
+    Privacy {
+        /// Hide last-seen from followers.
+        hide_last_seen: bool,
+    },
+    /// Block (`true`) or unblock (`false`) a user.
+    Block {
+        /// Block or unblock.
+        block: bool,
+        /// The other user.
+        user: UserId,
+    },
 }
 
 /// What the runtime must do after one frame.
@@ -261,6 +287,20 @@ impl Handshake {
                 ClientFrame::Ack { ids } => Step::Command(Command::Ack { ids }),
                 ClientFrame::Read { sender, ids } => Step::Command(Command::Read { sender, ids }),
                 ClientFrame::Ping { nonce } => Step::Reply(ServerFrame::Pong { nonce }),
+                ClientFrame::Subscribe { users } => {
+                    Step::Command(Command::Subscribe { add: true, users })
+                }
+                ClientFrame::Unsubscribe { users } => {
+                    Step::Command(Command::Subscribe { add: false, users })
+                }
+                ClientFrame::Typing { to, state } => Step::Command(Command::Typing { to, state }),
+                ClientFrame::Privacy { hide_last_seen } => {
+                    Step::Command(Command::Privacy { hide_last_seen })
+                }
+                ClientFrame::Block { user } => Step::Command(Command::Block { block: true, user }),
+                ClientFrame::Unblock { user } => {
+                    Step::Command(Command::Block { block: false, user })
+                }
                 other @ (ClientFrame::Hello { .. } | ClientFrame::Login { .. }) => fatal(
                     ErrorCode::UnexpectedFrame,
                     format!("{} after login", frame_name(&other)),
@@ -278,6 +318,12 @@ fn frame_name(f: &ClientFrame) -> &'static str {
         ClientFrame::Ack { .. } => "ACK",
         ClientFrame::Read { .. } => "READ",
         ClientFrame::Ping { .. } => "PING",
+        ClientFrame::Subscribe { .. } => "SUBSCRIBE",
+        ClientFrame::Unsubscribe { .. } => "UNSUBSCRIBE",
+        ClientFrame::Typing { .. } => "TYPING",
+        ClientFrame::Privacy { .. } => "PRIVACY",
+        ClientFrame::Block { .. } => "BLOCK",
+        ClientFrame::Unblock { .. } => "UNBLOCK",
     }
 }
 

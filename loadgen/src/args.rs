@@ -19,6 +19,10 @@ pub enum Scenario {
     Offline,
     /// Chat while users disconnect and reconnect at a rate.
     Churn,
+    /// Presence: every user follows --contacts others; users disconnect and reconnect at
+    /// --churn-rate (and chat at --rate, 0 for none); measures PRESENCE frames and the time
+    /// from a user's LOGIN_OK to its followers' "online".
+    Presence,
     /// Connection setup cost: every user connects and logs in (with --tls: a full handshake),
     /// all disconnect, then all connect again (with --tls: resumed from a session ticket).
     /// Reports both rates.
@@ -81,6 +85,9 @@ pub struct RunArgs {
     /// Churn: reconnects per second, all workers together.
     #[arg(long, default_value_t = 10)]
     pub churn_rate: u64,
+    /// Presence: users each user follows (from the same worker and node).
+    #[arg(long, default_value_t = 20)]
+    pub contacts: u32,
     /// After sending stops: longest wait for outstanding deliveries and receipts (idle: for
     /// the answers to the final PING), seconds.
     #[arg(long, default_value_t = 30)]
@@ -154,7 +161,10 @@ impl RunArgs {
         anyhow::ensure!(self.connect_rate > 0, "--connect-rate must be > 0");
         anyhow::ensure!(!self.gateways.is_empty(), "--gateway is required");
         parse_src_ips(&self.src_ips).map_err(|e| anyhow::anyhow!("--src-ips: {e}"))?;
-        if matches!(self.scenario, Scenario::Chat | Scenario::Churn) {
+        if matches!(
+            self.scenario,
+            Scenario::Chat | Scenario::Churn | Scenario::Presence
+        ) {
             anyhow::ensure!(self.users >= 2, "chat needs at least 2 users");
         }
         Ok(())

@@ -324,6 +324,13 @@ impl Report {
                 );
             }
         }
+        if self.config.scenario == Scenario::Presence {
+            println!(
+                "presence            {} PRESENCE frames ({:.0}/s over the run)",
+                c.presence,
+                c.presence as f64 / self.elapsed_s.max(1e-3)
+            );
+        }
         if self.config.tls {
             println!(
                 "tls handshakes      {} full, {} resumed",

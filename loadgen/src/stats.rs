@@ -96,6 +96,9 @@ pub struct Counters {
     /// Reconnects made by `--reconnect` after the gateway closed or refused a connection.
     #[serde(default)]
     pub reconnects: u64,
+    /// PRESENCE frames received (presence scenario).
+    #[serde(default)]
+    pub presence: u64,
     /// TLS handshakes completed in full.
     #[serde(default)]
     pub tls_full: u64,
@@ -123,6 +126,7 @@ impl Counters {
         self.pongs += o.pongs;
         self.send_skipped += o.send_skipped;
         self.tls_full += o.tls_full;
+        self.presence += o.presence;
         self.tls_resumed += o.tls_resumed;
         self.reconnects += o.reconnects;
         for (k, v) in &o.errors {

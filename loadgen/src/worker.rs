@@ -166,6 +166,12 @@ struct Shared {
     connect_gap_ns: u64,
     cores: usize,
     tls: Option<TlsSetup>,
+    /// When each user of this worker last sent LOGIN (ns since `epoch`), for the presence
+    /// latency.
+    login_ns: Vec<AtomicU64>,
+    /// The main phase has begun (presence latencies count from then on, not during the
+    /// connect ramp, when subscriptions and logins race).
+    main_phase: AtomicBool,
 }
 
 impl Shared {
@@ -183,6 +189,21 @@ impl Shared {
     }
     fn node_of(&self, idx: u32) -> usize {
         owner_node(self.user(idx), self.args.gateways.len()) as usize
+    }
+    /// Presence scenario: the users `idx` follows, chosen at random (seeded by `idx`, so the
+    /// same after a reconnect) among this worker's users of the same node.
+    fn contacts(&self, idx: u32) -> Vec<UserId> {
+        let group = &self.by_node[self.node_of(idx)];
+        let want = (self.args.contacts as usize).min(group.len().saturating_sub(1));
+        let mut rng = fastrand::Rng::with_seed(u64::from(idx));
+        let mut out = std::collections::BTreeSet::new();
+        while out.len() < want {
+            let c = group[rng.usize(..group.len())];
+            if c != idx {
+                out.insert(c);
+            }
+        }
+        out.into_iter().map(|c| self.user(c)).collect()
     }
     /// Waits until every executor reached its `generation`-th barrier (phases in lock-step).
     async fn barrier(&self, generation: usize) {
@@ -273,6 +294,8 @@ struct Exec {
     tls_configs: RefCell<HashMap<u32, Arc<rustls::ClientConfig>>>,
     /// TCP connect + TLS handshake time, µs.
     h_tls: RefCell<Histogram<u64>>,
+    /// A user's LOGIN (sent) to a follower's PRESENCE(online), µs.
+    h_presence: RefCell<Histogram<u64>>,
 }
 
 impl Exec {
@@ -392,6 +415,10 @@ impl Exec {
                 return;
             }
         };
+        // The presence latency counts from here: a follower can hear "online" before this
+        // executor has read the LOGIN_OK (both travel separately), so not from LOGIN_OK.
+        self.sh.login_ns[(c.idx - self.sh.first_index) as usize]
+            .store(self.sh.now_ns(), Ordering::Relaxed);
         c.push(&ClientFrame::Hello {
             magic: HELLO_MAGIC,
             min_version: PROTOCOL_VERSION,
@@ -561,7 +588,31 @@ impl Exec {
         let mut k = self.counters.borrow_mut();
         match frame {
             ServerFrame::HelloOk { .. } => {}
+            ServerFrame::Presence { user, online, .. } => {
+                k.presence += 1;
+                let idx = user.0.wrapping_sub(self.sh.args.first_user);
+                let at = idx
+                    .checked_sub(u64::from(self.sh.first_index))
+                    .and_then(|i| self.sh.login_ns.get(i as usize));
+                // Only changes count: the user logged in after this follower did (and so after
+                // it subscribed); the first answer to a subscription is not a propagation.
+                let mine = self.sh.login_ns[(c.idx - self.sh.first_index) as usize]
+                    .load(Ordering::Relaxed);
+                let measuring = self.sh.main_phase.load(Ordering::Relaxed);
+                if let (true, true, Some(at)) = (measuring, online, at) {
+                    let t = at.load(Ordering::Relaxed);
+                    if t > mine {
+                        record(&self.h_presence, now_ns.saturating_sub(t) / 1000);
+                    }
+                }
+            }
+            ServerFrame::Typing { .. } => {}
             ServerFrame::LoginOk { .. } => {
+                if self.sh.args.scenario == Scenario::Presence {
+                    c.push(&ClientFrame::Subscribe {
+                        users: self.sh.contacts(c.idx),
+                    });
+                }
                 c.ready.set(true);
                 self.retries.borrow_mut().remove(&c.idx);
                 k.logins += 1;
@@ -994,12 +1045,13 @@ async fn run_exec(
             out.final_pongs = ex.ping_all_and_count().await;
             out.main_s = t1.elapsed().as_secs_f64();
         }
-        Scenario::Chat | Scenario::Churn => {
+        Scenario::Chat | Scenario::Churn | Scenario::Presence => {
             ex.connect_all(&ex.users).await;
             out.connect_s = t0.elapsed().as_secs_f64();
             ex.barrier().await;
+            sh.main_phase.store(true, Ordering::Relaxed);
             let t1 = Instant::now();
-            ex.chat(sh.args.scenario == Scenario::Churn).await;
+            ex.chat(sh.args.scenario != Scenario::Chat).await;
             out.main_s = t1.elapsed().as_secs_f64();
             ex.barrier().await;
             out.drain_s = ex.drain(true).await;
@@ -1099,6 +1151,7 @@ async fn run_exec(
         ("ack".into(), ex.h_ack.borrow().clone()),
         ("deliver".into(), ex.h_deliver.borrow().clone()),
         ("tls".into(), ex.h_tls.borrow().clone()),
+        ("presence".into(), ex.h_presence.borrow().clone()),
     ];
     glommio::timer::sleep(Duration::from_millis(50)).await;
     out
@@ -1138,6 +1191,8 @@ pub fn run(args: RunArgs, index: usize, workers: usize) -> anyhow::Result<()> {
         stop: AtomicBool::new(false),
         connect_gap_ns: (1e9 * cores as f64 / per_worker_rate) as u64,
         cores,
+        login_ns: (lo..hi).map(|_| AtomicU64::new(0)).collect(),
+        main_phase: AtomicBool::new(false),
         tls: if args.tls {
             let t = gatehouse::client::TlsClientConfig::from_ca_file(
                 &args.tls_ca,
@@ -1209,6 +1264,7 @@ pub fn run(args: RunArgs, index: usize, workers: usize) -> anyhow::Result<()> {
                     final_pongs: Cell::new(0),
                     tls_configs: RefCell::new(HashMap::new()),
                     h_tls: RefCell::new(histogram()),
+                    h_presence: RefCell::new(histogram()),
                 });
                 run_exec(ex, ptx).await
             })

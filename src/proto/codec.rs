@@ -23,6 +23,18 @@ pub mod frame_type {
     pub const READ: u8 = 0x05;
     /// Client: keepalive.
     pub const PING: u8 = 0x06;
+    /// Client: follow the presence of these users.
+    pub const SUBSCRIBE: u8 = 0x07;
+    /// Client: stop following the presence of these users.
+    pub const UNSUBSCRIBE: u8 = 0x08;
+    /// Client: a typing indicator (chat state) for one user.
+    pub const TYPING: u8 = 0x09;
+    /// Client: privacy settings (hide last-seen).
+    pub const PRIVACY: u8 = 0x0A;
+    /// Client: block a user.
+    pub const BLOCK: u8 = 0x0B;
+    /// Client: unblock a user.
+    pub const UNBLOCK: u8 = 0x0C;
     /// Server: handshake accepted.
     pub const HELLO_OK: u8 = 0x81;
     /// Server: login accepted.
@@ -39,6 +51,31 @@ pub mod frame_type {
     pub const GO_AWAY: u8 = 0x87;
     /// Server: an error, with a code.
     pub const ERROR: u8 = 0x88;
+    /// Server: a followed user's presence (online, or offline with last-seen).
+    pub const PRESENCE: u8 = 0x89;
+    /// Server: a typing indicator from another user.
+    pub const TYPING_FROM: u8 = 0x8A;
+}
+
+/// A typing indicator's state (chat state).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum TypingState {
+    /// Stopped typing (or paused).
+    Paused = 0,
+    /// Typing now.
+    Composing = 1,
+}
+
+impl TypingState {
+    /// Decodes a wire value.
+    pub fn from_u8(v: u8) -> Option<TypingState> {
+        match v {
+            0 => Some(TypingState::Paused),
+            1 => Some(TypingState::Composing),
+            _ => None,
+        }
+    }
 }
 
 /// Kind of a receipt.
@@ -109,6 +146,38 @@ pub enum ClientFrame {
         /// Echoed in PONG.
         nonce: u64,
     },
+    /// `count:u16 users[count]:u64`
+    Subscribe {
+        /// Users whose presence to follow (1..=1024).
+        users: Vec<UserId>,
+    },
+    /// `count:u16 users[count]:u64`
+    Unsubscribe {
+        /// Users to stop following (1..=1024).
+        users: Vec<UserId>,
+    },
+    /// `to:u64 state:u8`
+    Typing {
+        /// Who sees the indicator.
+        to: UserId,
+        /// Composing or paused.
+        state: TypingState,
+    },
+    /// `hide_last_seen:u8` (0 or 1)
+    Privacy {
+        /// Followers see "offline" without a last-seen time.
+        hide_last_seen: bool,
+    },
+    /// `user:u64`
+    Block {
+        /// The user to block.
+        user: UserId,
+    },
+    /// `user:u64`
+    Unblock {
+        /// The user to unblock.
+        user: UserId,
+    },
 }
 
 /// Frames the server sends.
@@ -178,6 +247,23 @@ pub enum ServerFrame {
         reason: GoAwayReason,
         /// Human-readable detail.
         message: String,
+    },
+    /// `user:u64 online:u8 last_seen_ms:u64`
+    Presence {
+        /// The followed user.
+        user: UserId,
+        /// Logged in on at least one device.
+        online: bool,
+        /// When offline: when the user was last online (ms since the Unix epoch); 0 when
+        /// online, never seen, or hidden by the user's privacy setting.
+        last_seen_ms: u64,
+    },
+    /// `from:u64 state:u8`
+    Typing {
+        /// Who is typing.
+        from: UserId,
+        /// Composing or paused.
+        state: TypingState,
     },
     /// `code:u16 fatal:u8 ref_id:u64 message[..]` (UTF-8)
     Error {
@@ -284,6 +370,9 @@ impl<'a> Fields<'a> {
             })
         }
     }
+    fn users(&mut self) -> Result<Vec<UserId>, ProtoError> {
+        Ok(self.ids()?.into_iter().map(|id| UserId(id.0)).collect())
+    }
     fn ids(&mut self) -> Result<Vec<ServerMsgId>, ProtoError> {
         let count = usize::from(self.u16()?);
         if count == 0 {
@@ -378,6 +467,52 @@ impl ClientFrame {
                 f.end()?;
                 ClientFrame::Ping { nonce }
             }
+            t::SUBSCRIBE => ClientFrame::Subscribe {
+                users: Fields::new(payload, "SUBSCRIBE").users()?,
+            },
+            t::UNSUBSCRIBE => ClientFrame::Unsubscribe {
+                users: Fields::new(payload, "UNSUBSCRIBE").users()?,
+            },
+            t::TYPING => {
+                let mut f = Fields::new(payload, "TYPING");
+                let to = UserId(f.u64()?);
+                let state = TypingState::from_u8(f.u8()?).ok_or(ProtoError::Malformed {
+                    frame: "TYPING",
+                    why: "unknown typing state",
+                })?;
+                f.end()?;
+                ClientFrame::Typing { to, state }
+            }
+            t::PRIVACY => {
+                let mut f = Fields::new(payload, "PRIVACY");
+                let hide_last_seen = match f.u8()? {
+                    0 => false,
+                    1 => true,
+                    _ => {
+                        return Err(ProtoError::Malformed {
+                            frame: "PRIVACY",
+                            why: "hide_last_seen must be 0 or 1",
+                        })
+                    }
+                };
+                f.end()?;
+                ClientFrame::Privacy { hide_last_seen }
+            }
+            t::BLOCK | t::UNBLOCK => {
+                let name = if frame_type == t::BLOCK {
+                    "BLOCK"
+                } else {
+                    "UNBLOCK"
+                };
+                let mut f = Fields::new(payload, name);
+                let user = UserId(f.u64()?);
+                f.end()?;
+                if frame_type == t::BLOCK {
+                    ClientFrame::Block { user }
+                } else {
+                    ClientFrame::Unblock { user }
+                }
+            }
             other => return Err(ProtoError::UnknownType(other)),
         };
         Ok(frame)
@@ -433,6 +568,32 @@ impl ClientFrame {
             ClientFrame::Ping { nonce } => {
                 out.put_u8(t::PING);
                 out.put_u64(*nonce);
+            }
+            ClientFrame::Subscribe { users } | ClientFrame::Unsubscribe { users } => {
+                out.put_u8(if matches!(self, ClientFrame::Subscribe { .. }) {
+                    t::SUBSCRIBE
+                } else {
+                    t::UNSUBSCRIBE
+                });
+                out.put_u16(users.len() as u16);
+                users.iter().for_each(|u| out.put_u64(u.0));
+            }
+            ClientFrame::Typing { to, state } => {
+                out.put_u8(t::TYPING);
+                out.put_u64(to.0);
+                out.put_u8(*state as u8);
+            }
+            ClientFrame::Privacy { hide_last_seen } => {
+                out.put_u8(t::PRIVACY);
+                out.put_u8(u8::from(*hide_last_seen));
+            }
+            ClientFrame::Block { user } => {
+                out.put_u8(t::BLOCK);
+                out.put_u64(user.0);
+            }
+            ClientFrame::Unblock { user } => {
+                out.put_u8(t::UNBLOCK);
+                out.put_u64(user.0);
             }
         }
         end_frame(out, start);
@@ -556,6 +717,37 @@ impl ServerFrame {
                     message: f.text(),
                 }
             }
+            t::PRESENCE => {
+                let mut f = Fields::new(payload, "PRESENCE");
+                let user = UserId(f.u64()?);
+                let online = match f.u8()? {
+                    0 => false,
+                    1 => true,
+                    _ => {
+                        return Err(ProtoError::Malformed {
+                            frame: "PRESENCE",
+                            why: "online must be 0 or 1",
+                        })
+                    }
+                };
+                let frame = ServerFrame::Presence {
+                    user,
+                    online,
+                    last_seen_ms: f.u64()?,
+                };
+                f.end()?;
+                frame
+            }
+            t::TYPING_FROM => {
+                let mut f = Fields::new(payload, "TYPING");
+                let from = UserId(f.u64()?);
+                let state = TypingState::from_u8(f.u8()?).ok_or(ProtoError::Malformed {
+                    frame: "TYPING",
+                    why: "unknown typing state",
+                })?;
+                f.end()?;
+                ServerFrame::Typing { from, state }
+            }
             t::ERROR => {
                 let mut f = Fields::new(payload, "ERROR");
                 let code = f.u16()?;
@@ -646,6 +838,21 @@ impl ServerFrame {
                 out.put_u8(t::GO_AWAY);
                 out.put_u8(*reason as u8);
                 out.put_slice(truncate_utf8(message, REASON_BYTES_MAX).as_bytes());
+            }
+            ServerFrame::Presence {
+                user,
+                online,
+                last_seen_ms,
+            } => {
+                out.put_u8(t::PRESENCE);
+                out.put_u64(user.0);
+                out.put_u8(u8::from(*online));
+                out.put_u64(*last_seen_ms);
+            }
+            ServerFrame::Typing { from, state } => {
+                out.put_u8(t::TYPING_FROM);
+                out.put_u64(from.0);
+                out.put_u8(*state as u8);
             }
             ServerFrame::Error {
                 code,
@@ -828,6 +1035,21 @@ mod tests {
                     ids
                 }),
             any::<u64>().prop_map(|nonce| ClientFrame::Ping { nonce }),
+            proptest::collection::vec(any::<u64>().prop_map(UserId), 1..100)
+                .prop_map(|users| ClientFrame::Subscribe { users }),
+            proptest::collection::vec(any::<u64>().prop_map(UserId), 1..100)
+                .prop_map(|users| ClientFrame::Unsubscribe { users }),
+            (any::<u64>(), any::<bool>()).prop_map(|(to, c)| ClientFrame::Typing {
+                to: UserId(to),
+                state: if c {
+                    TypingState::Composing
+                } else {
+                    TypingState::Paused
+                },
+            }),
+            any::<bool>().prop_map(|hide_last_seen| ClientFrame::Privacy { hide_last_seen }),
+            any::<u64>().prop_map(|u| ClientFrame::Block { user: UserId(u) }),
+            any::<u64>().prop_map(|u| ClientFrame::Unblock { user: UserId(u) }),
         ]
     }
 
@@ -845,6 +1067,8 @@ mod tests {
                 ServerFrame::Pong { nonce: n },
                 ServerFrame::HelloOk { version: 1, max_frame_bytes: n as u32, idle_timeout_ms: id as u32, server_time_ms: n },
                 ServerFrame::LoginOk { user: UserId(n), device: DeviceId(id as u32) },
+                ServerFrame::Presence { user: UserId(n), online: id % 2 == 0, last_seen_ms: id },
+                ServerFrame::Typing { from: UserId(id), state: TypingState::Composing },
             ];
             for f in frames {
                 prop_assert_eq!(roundtrip_server(&f), f);

@@ -46,6 +46,12 @@ pub enum ErrorCode {
     /// slow down; fatal once the client keeps sending past the limit), or too many new
     /// connections from this source address (fatal: the connection is closed at once).
     RateLimited = 18,
+    /// A presence subscription was refused: this connection holds its maximum of
+    /// subscriptions (`ref_id` 0), or the target user has its maximum of subscribers (`ref_id`
+    /// the target). Not fatal.
+    PresenceLimit = 19,
+    /// The recipient has blocked the sender: the message was not stored. Not fatal.
+    Blocked = 20,
 }
 
 impl ErrorCode {
@@ -71,6 +77,8 @@ impl ErrorCode {
             16 => BodyTooLarge,
             17 => WrongNode,
             18 => RateLimited,
+            19 => PresenceLimit,
+            20 => Blocked,
             _ => return None,
         })
     }
@@ -87,6 +95,8 @@ impl ErrorCode {
                 | ErrorCode::BodyTooLarge
                 | ErrorCode::WrongNode
                 | ErrorCode::RateLimited
+                | ErrorCode::PresenceLimit
+                | ErrorCode::Blocked
         )
     }
 
@@ -112,6 +122,8 @@ impl ErrorCode {
             BodyTooLarge => "body_too_large",
             WrongNode => "wrong_node",
             RateLimited => "rate_limited",
+            PresenceLimit => "presence_limit",
+            Blocked => "blocked",
         }
     }
 }

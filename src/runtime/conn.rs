@@ -133,6 +133,19 @@ pub struct Conn {
     eof: Cell<bool>,
     /// Why the server closes it (set by the first decision; the metrics label).
     close_reason: Cell<CloseReason>,
+    /// Presence subscriptions and the typing limit, made on first use: a connection that never
+    /// follows anyone or types pays 8 bytes for them.
+    extras: RefCell<Option<Box<ConnExtras>>>,
+}
+
+/// State only some connections need.
+#[derive(Debug)]
+struct ConnExtras {
+    /// Users whose presence this connection follows, sorted, at most
+    /// `limits.presence_subscriptions_max`.
+    subs: Vec<UserId>,
+    /// Typing indicators this connection may still send (`limits.typing_rate_per_s`).
+    typing: TokenBucket,
 }
 
 impl Conn {
@@ -163,7 +176,76 @@ impl Conn {
             parked: Cell::new(false),
             eof: Cell::new(false),
             close_reason: Cell::new(CloseReason::Peer),
+            extras: RefCell::new(None),
         }
+    }
+
+    fn with_extras<R>(&self, typing_burst: u32, f: impl FnOnce(&mut ConnExtras) -> R) -> R {
+        let mut e = self.extras.borrow_mut();
+        let e = e.get_or_insert_with(|| {
+            Box::new(ConnExtras {
+                subs: Vec::new(),
+                typing: TokenBucket::full(typing_burst, super::mono_ms()),
+            })
+        });
+        f(e)
+    }
+
+    /// Adds (`add`) or removes presence subscriptions; returns the users that changed (new or
+    /// removed ones, in order), or the would-be total when adding passes `max`.
+    pub fn update_subs(
+        &self,
+        add: bool,
+        users: &[UserId],
+        max: usize,
+        typing_burst: u32,
+    ) -> Result<Vec<UserId>, usize> {
+        if !add && self.extras.borrow().is_none() {
+            return Ok(Vec::new());
+        }
+        self.with_extras(typing_burst, |e| {
+            let mut changed = Vec::new();
+            if add {
+                let mut fresh: Vec<UserId> = users
+                    .iter()
+                    .copied()
+                    .filter(|u| e.subs.binary_search(u).is_err())
+                    .collect();
+                fresh.sort_unstable();
+                fresh.dedup();
+                let total = e.subs.len() + fresh.len();
+                if total > max {
+                    return Err(total);
+                }
+                for u in fresh {
+                    let at = e.subs.binary_search(&u).unwrap_err();
+                    e.subs.insert(at, u);
+                    changed.push(u);
+                }
+            } else {
+                for u in users {
+                    if let Ok(at) = e.subs.binary_search(u) {
+                        e.subs.remove(at);
+                        changed.push(*u);
+                    }
+                }
+            }
+            Ok(changed)
+        })
+    }
+
+    /// Every presence subscription, removed (the connection is closing).
+    pub fn take_subs(&self) -> Vec<UserId> {
+        self.extras
+            .borrow_mut()
+            .as_mut()
+            .map(|e| std::mem::take(&mut e.subs))
+            .unwrap_or_default()
+    }
+
+    /// Charges one typing indicator to the connection's limit; false when over it.
+    pub fn charge_typing(&self, now_ms: u64, rate_per_s: u32, burst: u32) -> bool {
+        rate_per_s == 0 || self.with_extras(burst, |e| e.typing.take(now_ms, rate_per_s, burst))
     }
 
     /// Charges one SEND to the connection's rate limit: `Ok` when within it, else the number

@@ -39,6 +39,10 @@ use hdrhistogram::Histogram;
 use slab::Slab;
 use smallvec::SmallVec;
 
+mod presence;
+
+pub use presence::PresenceNote;
+
 use super::conn::{self, Conn};
 use super::watchdog::Pulse;
 use super::{blocking, mono_ms, now_ms};
@@ -126,6 +130,44 @@ pub enum Envelope {
         /// The connection's TLS and WebSocket state (`None` on plain TCP).
         layers: Option<Box<Layers>>,
     },
+    /// A connection follows these users' presence (to their owner shard).
+    Subscribe {
+        /// The following connection.
+        sub: ConnRef,
+        /// Its user (a target that blocks it sees it get "offline", no last-seen).
+        subscriber: UserId,
+        /// Users owned by the destination shard.
+        targets: Vec<UserId>,
+    },
+    /// A connection stops following these users (or closed).
+    Unsubscribe {
+        /// The connection.
+        sub: ConnRef,
+        /// Users owned by the destination shard.
+        targets: Vec<UserId>,
+    },
+    /// Presence states for connections of the destination shard: one envelope per
+    /// destination shard per change (or per subscribe request), however many followers.
+    Presence {
+        /// One per following connection.
+        notes: Vec<PresenceNote>,
+    },
+    /// Subscriptions the targets' shard refused (a target at its follower limit).
+    PresenceRefused {
+        /// The connection.
+        to: ConnRef,
+        /// Refused targets.
+        targets: Vec<UserId>,
+    },
+    /// A typing indicator, to the recipient's owner shard; never stored.
+    Typing {
+        /// Who types.
+        from: UserId,
+        /// Who sees it.
+        to: UserId,
+        /// Composing or paused.
+        state: crate::proto::TypingState,
+    },
 }
 
 /// Plain per-shard copies of the configuration the hot path needs.
@@ -165,6 +207,12 @@ pub struct ShardConfig {
     pub drain_unready_ms: u64,
     /// Drain: the shard finishes this long after it sees the stop flag, ms.
     pub drain_deadline_ms: u64,
+    /// Presence subscriptions one connection may hold.
+    pub presence_subscriptions_max: usize,
+    /// Connections that may follow one user (on its owner shard).
+    pub presence_subscribers_max: usize,
+    /// Typing indicators per second per connection (0: no limit); bursts of twice that.
+    pub typing_rate_per_s: u32,
     /// Test hook, never for production: silently drop every n-th message delivery (delete it
     /// as if acknowledged, send nothing), so that tests can prove the loadgen's loss check
     /// fails. Set only by the `GATEHOUSE_TEST_DROP_DELIVERY_EVERY` environment variable.
@@ -235,6 +283,16 @@ pub struct ShardStats {
     pub tls_handshakes: [Cell<u64>; 2],
     /// WebSocket upgrades completed.
     pub ws_upgrades: Cell<u64>,
+    /// PRESENCE frames queued to followers.
+    pub presence_sent: Cell<u64>,
+    /// Presence subscriptions refused at a limit.
+    pub presence_refused: Cell<u64>,
+    /// Typing indicators forwarded to an online recipient's connections.
+    pub typing_forwarded: Cell<u64>,
+    /// Typing indicators dropped: over the sender's rate, recipient offline, or blocked.
+    pub typing_dropped: Cell<u64>,
+    /// SENDs refused because the recipient blocks the sender.
+    pub sends_blocked: Cell<u64>,
 }
 
 fn bump(c: &Cell<u64>, n: u64) {
@@ -267,6 +325,8 @@ pub struct ShardSeed {
     pub listeners: Vec<(OwnedFd, ListenerKind)>,
     /// The node's TLS context, when a TLS or wss listener is configured.
     pub tls: Option<Arc<TlsContext>>,
+    /// Users of this shard who block anyone (from the store).
+    pub blockers: std::collections::HashSet<UserId>,
     /// The shard's store.
     pub store: Store,
     /// Epoch for message ids.
@@ -322,6 +382,10 @@ pub struct Shard {
     pub app_scratch: RefCell<Vec<u8>>,
     /// The node's TLS context (shared by every shard: certificate and ticket keys).
     tls: Option<Arc<TlsContext>>,
+    /// Presence followers of this shard's users: target → (following connection, its user).
+    watchers: RefCell<HashMap<UserId, presence::Followers>>,
+    /// Users of this shard who block anyone: only their blocks are looked up in the store.
+    blockers: RefCell<std::collections::HashSet<UserId>>,
     /// Counters.
     pub stats: ShardStats,
     /// Group commit latency, µs.
@@ -423,6 +487,8 @@ impl Shard {
             plain_scratch: RefCell::new(Vec::new()),
             app_scratch: RefCell::new(Vec::new()),
             tls: seed.tls,
+            watchers: RefCell::new(HashMap::new()),
+            blockers: RefCell::new(seed.blockers),
             stats: ShardStats::default(),
             commit_us: RefCell::new(hist()),
             commit_ops: RefCell::new(hist()),
@@ -658,13 +724,30 @@ impl Shard {
         self.pulses[self.id.index()]
             .connections
             .fetch_sub(1, Ordering::Relaxed);
+        let subs = conn.take_subs();
+        if !subs.is_empty() {
+            let me = ConnRef {
+                shard: self.id,
+                slot,
+                gen: conn.gen,
+            };
+            self.route_by_owner(subs, |targets| Envelope::Unsubscribe { sub: me, targets });
+        }
         if let Some(user) = conn.session_of.get() {
-            let mut sessions = self.sessions.borrow_mut();
-            if let Some(list) = sessions.get_mut(&user) {
-                list.retain(|s| *s != slot);
-                if list.is_empty() {
-                    sessions.remove(&user);
+            let went_offline = {
+                let mut sessions = self.sessions.borrow_mut();
+                match sessions.get_mut(&user) {
+                    Some(list) => {
+                        list.retain(|s| *s != slot);
+                        list.is_empty() && sessions.remove(&user).is_some()
+                    }
+                    None => false,
                 }
+            };
+            if went_offline {
+                let now = now_ms();
+                self.enqueue_op(Op::LastSeen { user, ms: now }, Completion::None);
+                self.presence_changed(user, false, now);
             }
         }
     }
@@ -798,6 +881,7 @@ impl Shard {
     /// Makes `conn` the session of (user, device) on this (owner) shard: replaces an older
     /// session of the same device, answers LOGIN_OK and starts delivering the queue.
     fn register_session(&self, slot: u32, conn: &Rc<Conn>, user: UserId, device: DeviceId) {
+        let came_online = !self.sessions.borrow().contains_key(&user);
         let replaced: SmallVec<[u32; 2]> = {
             let mut sessions = self.sessions.borrow_mut();
             let list = sessions.entry(user).or_default();
@@ -822,6 +906,9 @@ impl Shard {
         }
         conn.push_frame(&ServerFrame::LoginOk { user, device });
         self.pull(conn, user);
+        if came_online {
+            self.presence_changed(user, true, 0);
+        }
     }
 
     /// Adopts a connection handed over by another shard.
@@ -1045,6 +1132,16 @@ impl Shard {
                     self.route(owner_shard(sender, self.shards), env);
                 }
             }
+            Command::Subscribe { add, users } => self.subscribe(slot, conn, user, add, users),
+            Command::Typing { to, state } => self.typing(conn, user, to, state),
+            Command::Privacy { hide_last_seen } => self.enqueue_op(
+                Op::Privacy {
+                    user,
+                    hide_last_seen,
+                },
+                Completion::None,
+            ),
+            Command::Block { block, user: other } => self.block(conn, user, other, block),
         }
     }
 
@@ -1073,6 +1170,21 @@ impl Shard {
                 recipient,
                 body,
             } => {
+                if self.is_blocked(recipient, sender) {
+                    bump(&self.stats.sends_blocked, 1);
+                    self.route(
+                        from.shard,
+                        Envelope::SendResult {
+                            to: from,
+                            client_msg_id,
+                            result: Err((
+                                ErrorCode::Blocked,
+                                format!("user {recipient} does not accept messages from you"),
+                            )),
+                        },
+                    );
+                    return;
+                }
                 let id = self.next_msg_id();
                 let ts_ms = now_ms();
                 let item = Item::Message {
@@ -1136,6 +1248,7 @@ impl Shard {
                 );
             }
             Envelope::Handover { .. } => unreachable!("handovers arrive through drain tasks"),
+            other => self.handle_presence_envelope(other),
         }
     }
 
@@ -1467,7 +1580,9 @@ impl Shard {
                                 self.route(owner_shard(to, self.shards), env);
                             }
                         }
-                        (Op::Delete { .. }, _) | (Op::Append { .. }, OpOutcome::Deleted(_)) => {}
+                        (Op::Delete { .. }, _)
+                        | (Op::Append { .. }, OpOutcome::Deleted(_) | OpOutcome::Written)
+                        | (Op::LastSeen { .. } | Op::Privacy { .. } | Op::Block { .. }, _) => {}
                     }
                 }
             }
@@ -1715,6 +1830,12 @@ impl Shard {
             tls_handshakes_full: st.tls_handshakes[0].get(),
             tls_handshakes_resumed: st.tls_handshakes[1].get(),
             ws_upgrades: st.ws_upgrades.get(),
+            presence_watchers: self.presence_watchers(),
+            presence_sent: st.presence_sent.get(),
+            presence_refused: st.presence_refused.get(),
+            typing_forwarded: st.typing_forwarded.get(),
+            typing_dropped: st.typing_dropped.get(),
+            sends_blocked: st.sends_blocked.get(),
             outbound_bytes_queued: io.out_bytes_queued.get(),
             commit_us: Buckets::from_histogram(&self.commit_us.borrow(), &LATENCY_BOUNDS_US),
             commit_ops: Buckets::from_histogram(&self.commit_ops.borrow(), &BATCH_BOUNDS),

@@ -9,7 +9,9 @@
 //! - `queue`: `user:u64 BE | id:u64 BE` → encoded [`Item`]. Ids increase per shard, so a
 //!   user's keys sort in arrival order.
 //! - `meta`: `"layout"` → `shard:u16 shards:u16`; `"epoch"` → `u16`;
-//!   `'c' | user:u64` → `messages:u32 receipts:u32` (queue counts for the per-user limit).
+//!   `'c' | user:u64` → `messages:u32 receipts:u32` (queue counts for the per-user limit);
+//!   `'p' | user:u64` → `last_seen_ms:u64 flags:u8` (presence: when the user was last online,
+//!   bit 0 = hide last-seen); `'b' | blocker:u64 | blocked:u64` → empty (a block).
 
 use std::path::{Path, PathBuf};
 
@@ -174,6 +176,38 @@ pub enum Op {
         /// Server id.
         id: ServerMsgId,
     },
+    /// Record when `user` was last online (its last session ended).
+    LastSeen {
+        /// The user.
+        user: UserId,
+        /// When, ms since the Unix epoch.
+        ms: u64,
+    },
+    /// Set `user`'s privacy setting.
+    Privacy {
+        /// The user.
+        user: UserId,
+        /// Hide last-seen from followers.
+        hide_last_seen: bool,
+    },
+    /// Add (`on`) or remove a block of `blocked` by `blocker`.
+    Block {
+        /// Who blocks.
+        blocker: UserId,
+        /// Who is blocked.
+        blocked: UserId,
+        /// Block or unblock.
+        on: bool,
+    },
+}
+
+/// A user's stored presence facts.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PresenceRecord {
+    /// When the user was last online, ms since the Unix epoch (0: never seen).
+    pub last_seen_ms: u64,
+    /// Followers see no last-seen time.
+    pub hide_last_seen: bool,
 }
 
 /// Outcome of one [`Op`] in a committed batch.
@@ -186,6 +220,8 @@ pub enum OpOutcome {
     QueueFull,
     /// Deleted (`true`) or was not there (`false`).
     Deleted(bool),
+    /// A presence, privacy or block record was written.
+    Written,
 }
 
 /// Queue-length limits applied inside the write transaction.
@@ -211,6 +247,21 @@ fn queue_key(user: UserId, id: ServerMsgId) -> [u8; 16] {
     let mut k = [0u8; 16];
     k[..8].copy_from_slice(&user.0.to_be_bytes());
     k[8..].copy_from_slice(&id.0.to_be_bytes());
+    k
+}
+
+fn presence_key(user: UserId) -> [u8; 9] {
+    let mut k = [0u8; 9];
+    k[0] = b'p';
+    k[1..].copy_from_slice(&user.0.to_be_bytes());
+    k
+}
+
+fn block_key(blocker: UserId, blocked: UserId) -> [u8; 17] {
+    let mut k = [0u8; 17];
+    k[0] = b'b';
+    k[1..9].copy_from_slice(&blocker.0.to_be_bytes());
+    k[9..].copy_from_slice(&blocked.0.to_be_bytes());
     k
 }
 
@@ -405,10 +456,106 @@ impl Store {
                         }
                     }
                 }
+                Op::LastSeen { user, ms } => {
+                    let mut r = self.presence_in(&wtxn, *user)?;
+                    r.last_seen_ms = *ms;
+                    self.put_presence(&mut wtxn, *user, r)?;
+                    OpOutcome::Written
+                }
+                Op::Privacy {
+                    user,
+                    hide_last_seen,
+                } => {
+                    let mut r = self.presence_in(&wtxn, *user)?;
+                    r.hide_last_seen = *hide_last_seen;
+                    self.put_presence(&mut wtxn, *user, r)?;
+                    OpOutcome::Written
+                }
+                Op::Block {
+                    blocker,
+                    blocked,
+                    on,
+                } => {
+                    let key = block_key(*blocker, *blocked);
+                    if *on {
+                        self.meta
+                            .put(&mut wtxn, &key, &[])
+                            .map_err(|e| self.err(e))?;
+                    } else {
+                        self.meta.delete(&mut wtxn, &key).map_err(|e| self.err(e))?;
+                    }
+                    OpOutcome::Written
+                }
             };
             out.push(outcome);
         }
         wtxn.commit().map_err(|e| self.err(e))?;
+        Ok(out)
+    }
+
+    fn presence_in(&self, txn: &heed::RoTxn, user: UserId) -> Result<PresenceRecord, StoreError> {
+        Ok(
+            match self
+                .meta
+                .get(txn, &presence_key(user))
+                .map_err(|e| self.err(e))?
+            {
+                Some(v) if v.len() == 9 => PresenceRecord {
+                    last_seen_ms: u64::from_be_bytes(v[..8].try_into().expect("8 bytes")),
+                    hide_last_seen: v[8] & 1 == 1,
+                },
+                _ => PresenceRecord::default(),
+            },
+        )
+    }
+
+    fn put_presence(
+        &self,
+        txn: &mut heed::RwTxn,
+        user: UserId,
+        r: PresenceRecord,
+    ) -> Result<(), StoreError> {
+        let mut v = [0u8; 9];
+        v[..8].copy_from_slice(&r.last_seen_ms.to_be_bytes());
+        v[8] = u8::from(r.hide_last_seen);
+        self.meta
+            .put(txn, &presence_key(user), &v)
+            .map_err(|e| self.err(e))
+    }
+
+    /// `user`'s stored presence facts (defaults when none). A read snapshot.
+    pub fn presence(&self, user: UserId) -> Result<PresenceRecord, StoreError> {
+        let rtxn = self.env.read_txn().map_err(|e| self.err(e))?;
+        self.presence_in(&rtxn, user)
+    }
+
+    /// Whether `blocker` has blocked `blocked`. A read snapshot.
+    pub fn is_blocked(&self, blocker: UserId, blocked: UserId) -> Result<bool, StoreError> {
+        let rtxn = self.env.read_txn().map_err(|e| self.err(e))?;
+        Ok(self
+            .meta
+            .get(&rtxn, &block_key(blocker, blocked))
+            .map_err(|e| self.err(e))?
+            .is_some())
+    }
+
+    /// Users of this shard who block anyone (read at start, so that message routing checks
+    /// the store only for them).
+    pub fn blockers(&self) -> Result<std::collections::HashSet<UserId>, StoreError> {
+        let rtxn = self.env.read_txn().map_err(|e| self.err(e))?;
+        let mut out = std::collections::HashSet::new();
+        for entry in self
+            .meta
+            .prefix_iter(&rtxn, b"b")
+            .map_err(|e| self.err(e))?
+        {
+            let (k, _) = entry.map_err(|e| self.err(e))?;
+            if k.len() == 17 {
+                out.insert(UserId(u64::from_be_bytes(
+                    k[1..9].try_into().expect("8 bytes"),
+                )));
+            }
+        }
         Ok(out)
     }
 
