@@ -182,6 +182,8 @@ pub struct LimitsSection {
     /// Typing indicators per second one connection may send (bursts of twice that); past it
     /// they are dropped (counted). 0 turns the limit off.
     pub typing_rate_per_s: u32,
+    /// Members one group may have; past it, GROUP create/add gets ERROR(group_full).
+    pub group_members_max: usize,
 }
 
 impl Default for LimitsSection {
@@ -201,6 +203,7 @@ impl Default for LimitsSection {
             presence_subscriptions_max: limits::PRESENCE_SUBSCRIPTIONS_MAX_DEFAULT,
             presence_subscribers_max: limits::PRESENCE_SUBSCRIBERS_MAX_DEFAULT,
             typing_rate_per_s: limits::TYPING_RATE_PER_S_DEFAULT,
+            group_members_max: limits::GROUP_MEMBERS_MAX_DEFAULT,
         }
     }
 }
@@ -615,6 +618,19 @@ impl Config {
             return Err(invalid(
                 "limits.presence_subscriptions_max / limits.presence_subscribers_max",
                 format!("must be in 1..={}", limits::PRESENCE_LIMIT_CEILING),
+            ));
+        }
+        if !(2..=limits::GROUP_MEMBERS_MAX_CEILING).contains(&l.group_members_max) {
+            return Err(invalid(
+                "limits.group_members_max",
+                format!("must be in 2..={}", limits::GROUP_MEMBERS_MAX_CEILING),
+            ));
+        }
+        // The member list (GROUP_OK for LIST: 9 bytes per member) must fit one frame.
+        if 20 + 9 * l.group_members_max > l.max_frame_bytes {
+            return Err(invalid(
+                "limits.group_members_max",
+                "a full member list (9 bytes per member, plus 20) must fit limits.max_frame_bytes; lower this or raise that",
             ));
         }
         if l.typing_rate_per_s > limits::RATE_PER_S_MAX {

@@ -139,3 +139,10 @@ pub const PRESENCE_SUBSCRIBERS_MAX_DEFAULT: usize = 10_000;
 pub const PRESENCE_LIMIT_CEILING: usize = 1_000_000;
 /// Default typing indicators per second per connection (bursts of twice that).
 pub const TYPING_RATE_PER_S_DEFAULT: u32 = 5;
+/// Default members of one group (WhatsApp's cap).
+pub const GROUP_MEMBERS_MAX_DEFAULT: usize = 1024;
+/// Largest configurable group: a GROUP_EVENT for a create lists every member, and a list of
+/// users in a frame holds at most `ACK_IDS_MAX`.
+pub const GROUP_MEMBERS_MAX_CEILING: usize = ACK_IDS_MAX;
+
+const _: () = assert!(GROUP_MEMBERS_MAX_DEFAULT <= GROUP_MEMBERS_MAX_CEILING);

@@ -179,6 +179,10 @@ pub struct ShardSnapshot {
     pub typing_dropped: u64,
     /// SENDs refused because the recipient blocks the sender.
     pub sends_blocked: u64,
+    /// Group messages appended to members' queues (member-deliveries).
+    pub group_deliveries: u64,
+    /// Group messages and events a member missed: its queue was full.
+    pub group_queue_full: u64,
     /// Outbound bytes queued on the shard's connections now (the memory budget's gauge).
     pub outbound_bytes_queued: u64,
     /// Group commit latency, µs, at [`LATENCY_BOUNDS_US`].
@@ -594,6 +598,20 @@ impl prometheus_client::collector::Collector for Snapshots {
             f,
             |s| s.sends_blocked,
         )?;
+        counter(
+            e,
+            "group_deliveries",
+            "Group messages appended to members' queues (member-deliveries; events not counted)",
+            f,
+            |s| s.group_deliveries,
+        )?;
+        counter(
+            e,
+            "group_queue_full",
+            "Group messages and events a member missed because its queue was full",
+            f,
+            |s| s.group_queue_full,
+        )?;
         gauge(
             e,
             "outbound_bytes_queued",
@@ -721,6 +739,8 @@ mod tests {
             typing_forwarded: 0,
             typing_dropped: 0,
             sends_blocked: 0,
+            group_deliveries: 0,
+            group_queue_full: 0,
             outbound_bytes_queued: 0,
             commit_us: Buckets::default(),
             commit_ops: Buckets::default(),

@@ -203,6 +203,7 @@ pub fn start(config: Config) -> anyhow::Result<ServerHandle> {
         presence_subscriptions_max: config.limits.presence_subscriptions_max,
         presence_subscribers_max: config.limits.presence_subscribers_max,
         typing_rate_per_s: config.limits.typing_rate_per_s,
+        group_members_max: config.limits.group_members_max,
         test_drop_delivery_every: test_drop_delivery_every(),
     };
 

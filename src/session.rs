@@ -80,6 +80,26 @@ pub enum Command {
         /// The other user.
         user: UserId,
     },
+    /// A group membership request.
+    Group {
+        /// Echoed in the answer.
+        request_id: u64,
+        /// The group.
+        group: u64,
+        /// What to do.
+        op: crate::proto::GroupOp,
+        /// Users named.
+        users: Vec<UserId>,
+    },
+    /// A message to a group.
+    GroupSend {
+        /// Echoed in the answer.
+        client_msg_id: u64,
+        /// The group.
+        group: u64,
+        /// Opaque body.
+        body: Bytes,
+    },
 }
 
 /// What the runtime must do after one frame.
@@ -301,6 +321,26 @@ impl Handshake {
                 ClientFrame::Unblock { user } => {
                     Step::Command(Command::Block { block: false, user })
                 }
+                ClientFrame::Group {
+                    request_id,
+                    group,
+                    op,
+                    users,
+                } => Step::Command(Command::Group {
+                    request_id,
+                    group,
+                    op,
+                    users,
+                }),
+                ClientFrame::GroupSend {
+                    client_msg_id,
+                    group,
+                    body,
+                } => Step::Command(Command::GroupSend {
+                    client_msg_id,
+                    group,
+                    body,
+                }),
                 other @ (ClientFrame::Hello { .. } | ClientFrame::Login { .. }) => fatal(
                     ErrorCode::UnexpectedFrame,
                     format!("{} after login", frame_name(&other)),
@@ -324,6 +364,8 @@ fn frame_name(f: &ClientFrame) -> &'static str {
         ClientFrame::Privacy { .. } => "PRIVACY",
         ClientFrame::Block { .. } => "BLOCK",
         ClientFrame::Unblock { .. } => "UNBLOCK",
+        ClientFrame::Group { .. } => "GROUP",
+        ClientFrame::GroupSend { .. } => "GROUP_SEND",
     }
 }
 

@@ -66,6 +66,8 @@ fn every_bad_input_gets_a_named_error_and_others_are_unaffected() {
     let dir = tempfile::tempdir().unwrap();
     let mut cfg = config(dir.path());
     cfg.limits.max_frame_bytes = 4096;
+    // A full member list must fit a frame: 400 members take 3,620 bytes.
+    cfg.limits.group_members_max = 400;
     let server = start(cfg);
     let addr = server.local_addr;
     let (a, b) = (user_on_shard(1, 0, 2), user_on_shard(1, 1, 2));

@@ -23,6 +23,10 @@ pub enum Scenario {
     /// --churn-rate (and chat at --rate, 0 for none); measures PRESENCE frames and the time
     /// from a user's LOGIN_OK to its followers' "online".
     Presence,
+    /// Groups: users in groups of --group-size (created at the start); members send to their
+    /// group at --rate messages/s; measures member-deliveries/s and latency, and checks that
+    /// every acknowledged message reached every other member.
+    Groups,
     /// Connection setup cost: every user connects and logs in (with --tls: a full handshake),
     /// all disconnect, then all connect again (with --tls: resumed from a session ticket).
     /// Reports both rates.
@@ -88,6 +92,9 @@ pub struct RunArgs {
     /// Presence: users each user follows (from the same worker and node).
     #[arg(long, default_value_t = 20)]
     pub contacts: u32,
+    /// Groups: members per group (each user is in at most one group).
+    #[arg(long, default_value_t = 256)]
+    pub group_size: u32,
     /// After sending stops: longest wait for outstanding deliveries and receipts (idle: for
     /// the answers to the final PING), seconds.
     #[arg(long, default_value_t = 30)]

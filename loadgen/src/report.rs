@@ -324,6 +324,15 @@ impl Report {
                 );
             }
         }
+        if self.config.scenario == Scenario::Groups {
+            println!(
+                "group fan-out       {} member-deliveries of {} expected ({:.0}/s over sending and drain), {} missing",
+                c.group_delivered,
+                c.group_expected,
+                c.group_delivered as f64 / (self.main_s + self.drain_s).max(1e-3),
+                c.group_expected.saturating_sub(c.group_delivered)
+            );
+        }
         if self.config.scenario == Scenario::Presence {
             println!(
                 "presence            {} PRESENCE frames ({:.0}/s over the run)",
@@ -381,6 +390,16 @@ impl Report {
     /// Exit status: 1 if any acknowledged message was lost, 3 if not every user connected or
     /// (idle) answered the final ping, else 0.
     pub fn verdict(&self) -> ExitCode {
+        let group_missing = self
+            .counters
+            .group_expected
+            .saturating_sub(self.counters.group_delivered);
+        if self.config.scenario == Scenario::Groups && group_missing > 0 {
+            eprintln!(
+                "loadgen: FAILED: {group_missing} member-deliveries of acknowledged group messages never arrived"
+            );
+            return ExitCode::from(1);
+        }
         if self.loss.lost > 0 {
             eprintln!(
                 "loadgen: FAILED: {} acknowledged messages were lost, e.g. {:?}",

@@ -99,6 +99,12 @@ pub struct Counters {
     /// PRESENCE frames received (presence scenario).
     #[serde(default)]
     pub presence: u64,
+    /// Groups: member-deliveries expected (every acknowledged message times the other members).
+    #[serde(default)]
+    pub group_expected: u64,
+    /// Groups: GROUP_DELIVERs received.
+    #[serde(default)]
+    pub group_delivered: u64,
     /// TLS handshakes completed in full.
     #[serde(default)]
     pub tls_full: u64,
@@ -127,6 +133,8 @@ impl Counters {
         self.send_skipped += o.send_skipped;
         self.tls_full += o.tls_full;
         self.presence += o.presence;
+        self.group_expected += o.group_expected;
+        self.group_delivered += o.group_delivered;
         self.tls_resumed += o.tls_resumed;
         self.reconnects += o.reconnects;
         for (k, v) in &o.errors {

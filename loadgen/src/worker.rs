@@ -172,7 +172,19 @@ struct Shared {
     /// The main phase has begun (presence latencies count from then on, not during the
     /// connect ramp, when subscriptions and logins race).
     main_phase: AtomicBool,
+    /// Groups: every group of this worker, as its member indices (the first creates it).
+    groups: Vec<Vec<u32>>,
+    /// Groups: the group of each member index.
+    group_of: HashMap<u32, usize>,
+    /// Groups: GROUP_OKs received for the creates.
+    groups_ready: AtomicU64,
+    /// Groups: member-deliveries expected and received so far (all executors).
+    group_expected: AtomicU64,
+    group_delivered: AtomicU64,
 }
+
+/// Group ids used by the groups scenario: this base plus the first member's user id.
+const GROUP_ID_BASE: u64 = 1 << 48;
 
 impl Shared {
     fn online(&self, idx: u32) -> bool {
@@ -607,6 +619,33 @@ impl Exec {
                 }
             }
             ServerFrame::Typing { .. } => {}
+            ServerFrame::GroupOk { .. } => {
+                self.sh.groups_ready.fetch_add(1, Ordering::Relaxed);
+            }
+            ServerFrame::GroupEvent { server_msg_id, .. } => acks.push(server_msg_id),
+            ServerFrame::GroupDeliver {
+                server_msg_id,
+                body,
+                ..
+            } => {
+                acks.push(server_msg_id);
+                k.group_delivered += 1;
+                self.sh.group_delivered.fetch_add(1, Ordering::Relaxed);
+                if let Some(h) = BodyHeader::decode(&body) {
+                    let us = now_ns.saturating_sub(h.intended_ns) / 1000;
+                    record(&self.h_deliver, us);
+                    record(&self.h_interval, us);
+                }
+            }
+            ServerFrame::SendAck { .. } if self.sh.args.scenario == Scenario::Groups => {
+                k.acked += 1;
+                c.inflight.set(c.inflight.get().saturating_sub(1));
+                self.sh.inflight.fetch_sub(1, Ordering::Relaxed);
+                self.sh.acked.fetch_add(1, Ordering::Relaxed);
+                let others = u64::from(self.sh.args.group_size.saturating_sub(1));
+                k.group_expected += others;
+                self.sh.group_expected.fetch_add(others, Ordering::Relaxed);
+            }
             ServerFrame::LoginOk { .. } => {
                 if self.sh.args.scenario == Scenario::Presence {
                     c.push(&ClientFrame::Subscribe {
@@ -755,6 +794,81 @@ impl Exec {
         self.sh.inflight.fetch_add(1, Ordering::Relaxed);
         self.counters.borrow_mut().sent += 1;
         true
+    }
+
+    /// Groups: this executor's creators create their groups; waits for every GROUP_OK.
+    async fn create_groups(self: &Rc<Self>) {
+        let sh = &self.sh;
+        for (gi, members) in sh.groups.iter().enumerate() {
+            let creator = members[0];
+            if creator as usize % sh.cores != self.index {
+                continue;
+            }
+            let Some(c) = self.conns.borrow().get(&creator).cloned() else {
+                continue;
+            };
+            c.push(&ClientFrame::Group {
+                request_id: gi as u64 + 1,
+                group: GROUP_ID_BASE + sh.user(creator).0,
+                op: gatehouse::proto::GroupOp::Create,
+                users: members.iter().map(|m| sh.user(*m)).collect(),
+            });
+        }
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while (sh.groups_ready.load(Ordering::Relaxed) as usize) < sh.groups.len()
+            && Instant::now() < deadline
+        {
+            glommio::timer::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    /// Groups: open-loop GROUP_SENDs at this executor's share of `--rate`, from random online
+    /// members among this executor's users.
+    async fn group_chat(self: &Rc<Self>) {
+        let sh = self.sh.clone();
+        let rate = sh.args.rate as f64 / (sh.cores * num_workers()) as f64;
+        let t0 = Instant::now();
+        let t0_ns = sh.now_ns();
+        let duration = Duration::from_secs(sh.args.duration_s);
+        let senders: Vec<Rc<LConn>> = self
+            .ready_conns()
+            .into_iter()
+            .filter(|c| sh.group_of.contains_key(&c.idx))
+            .collect();
+        let mut k: u64 = 0;
+        while t0.elapsed() < duration && !sh.stop.load(Ordering::Relaxed) {
+            glommio::timer::sleep(Duration::from_millis(1)).await;
+            let due = (t0.elapsed().as_secs_f64() * rate) as u64;
+            while k < due {
+                let intended_ns = t0_ns + (k as f64 * 1e9 / rate) as u64;
+                k += 1;
+                if senders.is_empty() {
+                    self.counters.borrow_mut().error("no_group_member");
+                    continue;
+                }
+                let s = &senders[self.rng.borrow_mut().usize(..senders.len())];
+                if !s.ready.get() || s.out.borrow().len() > OUT_BYTES_MAX {
+                    self.counters.borrow_mut().send_skipped += 1;
+                    continue;
+                }
+                let gi = sh.group_of[&s.idx];
+                let body = BodyHeader {
+                    sender: s.idx,
+                    recipient: gi as u32,
+                    seq: k as u32,
+                    intended_ns,
+                }
+                .encode(sh.args.body_bytes);
+                s.push(&ClientFrame::GroupSend {
+                    client_msg_id: k,
+                    group: GROUP_ID_BASE + sh.user(sh.groups[gi][0]).0,
+                    body: body.into(),
+                });
+                s.inflight.set(s.inflight.get() + 1);
+                sh.inflight.fetch_add(1, Ordering::Relaxed);
+                self.counters.borrow_mut().sent += 1;
+            }
+        }
     }
 
     /// Connects `users` at the configured rate and waits until each logged in or failed.
@@ -1056,6 +1170,27 @@ async fn run_exec(
             ex.barrier().await;
             out.drain_s = ex.drain(true).await;
         }
+        Scenario::Groups => {
+            ex.connect_all(&ex.users).await;
+            out.connect_s = t0.elapsed().as_secs_f64();
+            ex.barrier().await;
+            ex.create_groups().await;
+            ex.barrier().await;
+            let t1 = Instant::now();
+            ex.group_chat().await;
+            out.main_s = t1.elapsed().as_secs_f64();
+            ex.barrier().await;
+            let t2 = Instant::now();
+            let timeout = Duration::from_secs(sh.args.drain_timeout_s);
+            while t2.elapsed() < timeout
+                && (sh.inflight.load(Ordering::Relaxed) > 0
+                    || sh.group_delivered.load(Ordering::Relaxed)
+                        < sh.group_expected.load(Ordering::Relaxed))
+            {
+                glommio::timer::sleep(Duration::from_millis(10)).await;
+            }
+            out.drain_s = t2.elapsed().as_secs_f64();
+        }
         Scenario::Handshake => {
             // Phase 1: every user connects (full handshakes; tickets go into each user's
             // cache). Phase 2: all disconnect, then connect again (resumed).
@@ -1175,6 +1310,16 @@ pub fn run(args: RunArgs, index: usize, workers: usize) -> anyhow::Result<()> {
         by_node[owner_node(UserId(args.first_user + u64::from(idx)), nodes) as usize].push(idx);
     }
     let per_worker_rate = args.connect_rate as f64 / workers as f64;
+    // Groups scenario: each node's users of this worker, in full groups of --group-size.
+    let groups: Vec<Vec<u32>> = if args.scenario == Scenario::Groups {
+        by_node
+            .iter()
+            .flat_map(|users| users.chunks_exact(args.group_size.max(2) as usize))
+            .map(|c| c.to_vec())
+            .collect()
+    } else {
+        Vec::new()
+    };
     let sh = Arc::new(Shared {
         epoch: Instant::now(),
         keys,
@@ -1193,6 +1338,15 @@ pub fn run(args: RunArgs, index: usize, workers: usize) -> anyhow::Result<()> {
         cores,
         login_ns: (lo..hi).map(|_| AtomicU64::new(0)).collect(),
         main_phase: AtomicBool::new(false),
+        groups_ready: AtomicU64::new(0),
+        group_expected: AtomicU64::new(0),
+        group_delivered: AtomicU64::new(0),
+        groups: groups.clone(),
+        group_of: groups
+            .iter()
+            .enumerate()
+            .flat_map(|(gi, m)| m.iter().map(move |u| (*u, gi)))
+            .collect(),
         tls: if args.tls {
             let t = gatehouse::client::TlsClientConfig::from_ca_file(
                 &args.tls_ca,

@@ -431,3 +431,56 @@ fn tls_handshake_and_chat_scenarios() {
         n(&r, "counters.acked")
     );
 }
+
+#[test]
+fn presence_and_groups_scenarios() {
+    let dir = tempfile::tempdir().unwrap();
+    let g = gateway(dir.path(), 0, 1, &[]);
+    let common = [
+        "--gateway",
+        &g.addr,
+        "--procs",
+        "1",
+        "--cores",
+        "2",
+        "--duration-s",
+        "2",
+        "--drain-timeout-s",
+        "20",
+        "--max-run-s",
+        "60",
+    ];
+    let mut a = common.to_vec();
+    a.extend([
+        "presence",
+        "--users",
+        "200",
+        "--contacts",
+        "5",
+        "--churn-rate",
+        "40",
+        "--rate",
+        "0",
+    ]);
+    let (code, r) = loadgen(dir.path(), &a);
+    assert_eq!(code, 0);
+    // 200 × 5 answers to the subscriptions, then churn notes.
+    assert!(n(&r, "counters.presence") > 1000, "{r}");
+    assert!(n(&r, "latency.presence.count") > 0, "{r}");
+
+    let mut a = common.to_vec();
+    a.extend([
+        "groups",
+        "--users",
+        "128",
+        "--group-size",
+        "16",
+        "--rate",
+        "200",
+    ]);
+    let (code, r) = loadgen(dir.path(), &a);
+    assert_eq!(code, 0);
+    let expected = n(&r, "counters.group_expected");
+    assert!(expected > 300 * 15, "{r}");
+    assert_eq!(n(&r, "counters.group_delivered"), expected);
+}

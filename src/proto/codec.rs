@@ -35,6 +35,10 @@ pub mod frame_type {
     pub const BLOCK: u8 = 0x0B;
     /// Client: unblock a user.
     pub const UNBLOCK: u8 = 0x0C;
+    /// Client: a membership request (create, add, remove, leave, list) for a group.
+    pub const GROUP: u8 = 0x0D;
+    /// Client: send a message to a group.
+    pub const GROUP_SEND: u8 = 0x0E;
     /// Server: handshake accepted.
     pub const HELLO_OK: u8 = 0x81;
     /// Server: login accepted.
@@ -55,6 +59,63 @@ pub mod frame_type {
     pub const PRESENCE: u8 = 0x89;
     /// Server: a typing indicator from another user.
     pub const TYPING_FROM: u8 = 0x8A;
+    /// Server: a group request succeeded (with the member list for LIST).
+    pub const GROUP_OK: u8 = 0x8B;
+    /// Server: a group message for this user.
+    pub const GROUP_DELIVER: u8 = 0x8C;
+    /// Server: a membership change in a group this user is (or was) in.
+    pub const GROUP_EVENT: u8 = 0x8D;
+}
+
+/// What a GROUP frame asks, and what a GROUP_EVENT reports.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum GroupOp {
+    /// Create the group with the sender as its admin and the listed users as members.
+    Create = 1,
+    /// Add the listed users (admins only).
+    Add = 2,
+    /// Remove the listed users (admins only).
+    Remove = 3,
+    /// Leave the group (no users listed).
+    Leave = 4,
+    /// List the members (no users listed; members only).
+    List = 5,
+}
+
+impl GroupOp {
+    /// Decodes a wire value.
+    pub fn from_u8(v: u8) -> Option<GroupOp> {
+        match v {
+            1 => Some(GroupOp::Create),
+            2 => Some(GroupOp::Add),
+            3 => Some(GroupOp::Remove),
+            4 => Some(GroupOp::Leave),
+            5 => Some(GroupOp::List),
+            _ => None,
+        }
+    }
+}
+
+/// A member's role.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+#[repr(u8)]
+pub enum GroupRole {
+    /// Can change membership.
+    Admin = 1,
+    /// Sends and receives.
+    Member = 2,
+}
+
+impl GroupRole {
+    /// Decodes a wire value.
+    pub fn from_u8(v: u8) -> Option<GroupRole> {
+        match v {
+            1 => Some(GroupRole::Admin),
+            2 => Some(GroupRole::Member),
+            _ => None,
+        }
+    }
 }
 
 /// A typing indicator's state (chat state).
@@ -178,6 +239,26 @@ pub enum ClientFrame {
         /// The user to unblock.
         user: UserId,
     },
+    /// `request_id:u64 group:u64 op:u8 count:u16 users[count]:u64` (count may be 0)
+    Group {
+        /// Echoed in GROUP_OK or ERROR.
+        request_id: u64,
+        /// The group (non-zero).
+        group: u64,
+        /// What to do.
+        op: GroupOp,
+        /// Users it names (create, add, remove); empty for leave and list.
+        users: Vec<UserId>,
+    },
+    /// `client_msg_id:u64 group:u64 body[..]`
+    GroupSend {
+        /// Echoed in SEND_ACK or ERROR.
+        client_msg_id: u64,
+        /// The group.
+        group: u64,
+        /// Opaque body.
+        body: Bytes,
+    },
 }
 
 /// Frames the server sends.
@@ -264,6 +345,45 @@ pub enum ServerFrame {
         from: UserId,
         /// Composing or paused.
         state: TypingState,
+    },
+    /// `request_id:u64 group:u64 count:u16 (user:u64 role:u8)[count]` (members for LIST only)
+    GroupOk {
+        /// From the GROUP request.
+        request_id: u64,
+        /// The group.
+        group: u64,
+        /// LIST: every member with its role; empty otherwise.
+        members: Vec<(UserId, GroupRole)>,
+    },
+    /// `server_msg_id:u64 group:u64 sender:u64 sender_device:u32 server_ts_ms:u64 body[..]`
+    GroupDeliver {
+        /// Id to ACK.
+        server_msg_id: ServerMsgId,
+        /// The group.
+        group: u64,
+        /// Who sent it.
+        sender: UserId,
+        /// From which device.
+        sender_device: DeviceId,
+        /// When the group's shard accepted it.
+        server_ts_ms: u64,
+        /// Opaque body.
+        body: Bytes,
+    },
+    /// `server_msg_id:u64 group:u64 ts_ms:u64 op:u8 actor:u64 count:u16 users[count]:u64`
+    GroupEvent {
+        /// Id to ACK.
+        server_msg_id: ServerMsgId,
+        /// The group.
+        group: u64,
+        /// When the change was made.
+        ts_ms: u64,
+        /// Create, add, remove or leave.
+        op: GroupOp,
+        /// Who made it.
+        actor: UserId,
+        /// Who it concerns (every member for create).
+        users: Vec<UserId>,
     },
     /// `code:u16 fatal:u8 ref_id:u64 message[..]` (UTF-8)
     Error {
@@ -369,6 +489,23 @@ impl<'a> Fields<'a> {
                 why: "trailing bytes",
             })
         }
+    }
+    /// `count:u16 users[count]:u64` to the end of the frame; the count may be 0.
+    fn user_list(&mut self) -> Result<Vec<UserId>, ProtoError> {
+        let count = usize::from(self.u16()?);
+        if count > ACK_IDS_MAX {
+            return Err(ProtoError::Malformed {
+                frame: self.frame,
+                why: "too many users",
+            });
+        }
+        if self.rest.len() != count * 8 {
+            return Err(ProtoError::Malformed {
+                frame: self.frame,
+                why: "user count does not match frame length",
+            });
+        }
+        (0..count).map(|_| self.u64().map(UserId)).collect()
     }
     fn users(&mut self) -> Result<Vec<UserId>, ProtoError> {
         Ok(self.ids()?.into_iter().map(|id| UserId(id.0)).collect())
@@ -498,6 +635,32 @@ impl ClientFrame {
                 f.end()?;
                 ClientFrame::Privacy { hide_last_seen }
             }
+            t::GROUP => {
+                let mut f = Fields::new(payload, "GROUP");
+                let request_id = f.u64()?;
+                let group = f.u64()?;
+                let op = GroupOp::from_u8(f.u8()?).ok_or(ProtoError::Malformed {
+                    frame: "GROUP",
+                    why: "unknown group operation",
+                })?;
+                let users = f.user_list()?;
+                ClientFrame::Group {
+                    request_id,
+                    group,
+                    op,
+                    users,
+                }
+            }
+            t::GROUP_SEND => {
+                let mut f = Fields::new(payload, "GROUP_SEND");
+                let client_msg_id = f.u64()?;
+                let group = f.u64()?;
+                ClientFrame::GroupSend {
+                    client_msg_id,
+                    group,
+                    body: Bytes::copy_from_slice(f.rest()),
+                }
+            }
             t::BLOCK | t::UNBLOCK => {
                 let name = if frame_type == t::BLOCK {
                     "BLOCK"
@@ -595,6 +758,29 @@ impl ClientFrame {
                 out.put_u8(t::UNBLOCK);
                 out.put_u64(user.0);
             }
+            ClientFrame::Group {
+                request_id,
+                group,
+                op,
+                users,
+            } => {
+                out.put_u8(t::GROUP);
+                out.put_u64(*request_id);
+                out.put_u64(*group);
+                out.put_u8(*op as u8);
+                out.put_u16(users.len() as u16);
+                users.iter().for_each(|u| out.put_u64(u.0));
+            }
+            ClientFrame::GroupSend {
+                client_msg_id,
+                group,
+                body,
+            } => {
+                out.put_u8(t::GROUP_SEND);
+                out.put_u64(*client_msg_id);
+                out.put_u64(*group);
+                out.put_slice(body);
+            }
         }
         end_frame(out, start);
     }
@@ -625,6 +811,36 @@ pub fn deliver_header(
     h[13..21].copy_from_slice(&sender.0.to_be_bytes());
     h[21..25].copy_from_slice(&sender_device.0.to_be_bytes());
     h[25..33].copy_from_slice(&server_ts_ms.to_be_bytes());
+    h
+}
+
+/// Bytes of the GROUP_DELIVER header before the body.
+pub const GROUP_DELIVER_HEADER_BYTES: usize = FRAME_HEADER_BYTES + 1 + 8 + 8 + 8 + 4 + 8;
+
+/// Largest GROUP_SEND body that still fits a GROUP_DELIVER frame of at most `frame_bytes_max`.
+pub fn group_body_bytes_max(frame_bytes_max: usize) -> usize {
+    frame_bytes_max - (GROUP_DELIVER_HEADER_BYTES - FRAME_HEADER_BYTES)
+}
+
+/// Encodes a GROUP_DELIVER header for a body of `body_len` bytes (the body is written after
+/// it, shared, as for DELIVER).
+pub fn group_deliver_header(
+    server_msg_id: ServerMsgId,
+    group: u64,
+    sender: UserId,
+    sender_device: DeviceId,
+    server_ts_ms: u64,
+    body_len: usize,
+) -> [u8; GROUP_DELIVER_HEADER_BYTES] {
+    let mut h = [0u8; GROUP_DELIVER_HEADER_BYTES];
+    let len = (GROUP_DELIVER_HEADER_BYTES - FRAME_HEADER_BYTES + body_len) as u32;
+    h[0..4].copy_from_slice(&len.to_be_bytes());
+    h[4] = frame_type::GROUP_DELIVER;
+    h[5..13].copy_from_slice(&server_msg_id.0.to_be_bytes());
+    h[13..21].copy_from_slice(&group.to_be_bytes());
+    h[21..29].copy_from_slice(&sender.0.to_be_bytes());
+    h[29..33].copy_from_slice(&sender_device.0.to_be_bytes());
+    h[33..41].copy_from_slice(&server_ts_ms.to_be_bytes());
     h
 }
 
@@ -748,6 +964,62 @@ impl ServerFrame {
                 f.end()?;
                 ServerFrame::Typing { from, state }
             }
+            t::GROUP_OK => {
+                let mut f = Fields::new(payload, "GROUP_OK");
+                let request_id = f.u64()?;
+                let group = f.u64()?;
+                let count = usize::from(f.u16()?);
+                if f.rest.len() != count * 9 {
+                    return Err(ProtoError::Malformed {
+                        frame: "GROUP_OK",
+                        why: "member count does not match frame length",
+                    });
+                }
+                let mut members = Vec::with_capacity(count);
+                for _ in 0..count {
+                    let user = UserId(f.u64()?);
+                    let role = GroupRole::from_u8(f.u8()?).ok_or(ProtoError::Malformed {
+                        frame: "GROUP_OK",
+                        why: "unknown role",
+                    })?;
+                    members.push((user, role));
+                }
+                ServerFrame::GroupOk {
+                    request_id,
+                    group,
+                    members,
+                }
+            }
+            t::GROUP_DELIVER => {
+                let mut f = Fields::new(payload, "GROUP_DELIVER");
+                ServerFrame::GroupDeliver {
+                    server_msg_id: ServerMsgId(f.u64()?),
+                    group: f.u64()?,
+                    sender: UserId(f.u64()?),
+                    sender_device: DeviceId(f.u32()?),
+                    server_ts_ms: f.u64()?,
+                    body: Bytes::copy_from_slice(f.rest()),
+                }
+            }
+            t::GROUP_EVENT => {
+                let mut f = Fields::new(payload, "GROUP_EVENT");
+                let server_msg_id = ServerMsgId(f.u64()?);
+                let group = f.u64()?;
+                let ts_ms = f.u64()?;
+                let op = GroupOp::from_u8(f.u8()?).ok_or(ProtoError::Malformed {
+                    frame: "GROUP_EVENT",
+                    why: "unknown group operation",
+                })?;
+                let actor = UserId(f.u64()?);
+                ServerFrame::GroupEvent {
+                    server_msg_id,
+                    group,
+                    ts_ms,
+                    op,
+                    actor,
+                    users: f.user_list()?,
+                }
+            }
             t::ERROR => {
                 let mut f = Fields::new(payload, "ERROR");
                 let code = f.u16()?;
@@ -853,6 +1125,53 @@ impl ServerFrame {
                 out.put_u8(t::TYPING_FROM);
                 out.put_u64(from.0);
                 out.put_u8(*state as u8);
+            }
+            ServerFrame::GroupOk {
+                request_id,
+                group,
+                members,
+            } => {
+                out.put_u8(t::GROUP_OK);
+                out.put_u64(*request_id);
+                out.put_u64(*group);
+                out.put_u16(members.len() as u16);
+                for (u, r) in members {
+                    out.put_u64(u.0);
+                    out.put_u8(*r as u8);
+                }
+            }
+            ServerFrame::GroupDeliver {
+                server_msg_id,
+                group,
+                sender,
+                sender_device,
+                server_ts_ms,
+                body,
+            } => {
+                out.put_u8(t::GROUP_DELIVER);
+                out.put_u64(server_msg_id.0);
+                out.put_u64(*group);
+                out.put_u64(sender.0);
+                out.put_u32(sender_device.0);
+                out.put_u64(*server_ts_ms);
+                out.put_slice(body);
+            }
+            ServerFrame::GroupEvent {
+                server_msg_id,
+                group,
+                ts_ms,
+                op,
+                actor,
+                users,
+            } => {
+                out.put_u8(t::GROUP_EVENT);
+                out.put_u64(server_msg_id.0);
+                out.put_u64(*group);
+                out.put_u64(*ts_ms);
+                out.put_u8(*op as u8);
+                out.put_u64(actor.0);
+                out.put_u16(users.len() as u16);
+                users.iter().for_each(|u| out.put_u64(u.0));
             }
             ServerFrame::Error {
                 code,
@@ -1050,6 +1369,28 @@ mod tests {
             any::<bool>().prop_map(|hide_last_seen| ClientFrame::Privacy { hide_last_seen }),
             any::<u64>().prop_map(|u| ClientFrame::Block { user: UserId(u) }),
             any::<u64>().prop_map(|u| ClientFrame::Unblock { user: UserId(u) }),
+            (
+                any::<u64>(),
+                any::<u64>(),
+                1u8..=5,
+                proptest::collection::vec(any::<u64>().prop_map(UserId), 0..50)
+            )
+                .prop_map(|(request_id, group, op, users)| ClientFrame::Group {
+                    request_id,
+                    group,
+                    op: GroupOp::from_u8(op).unwrap(),
+                    users
+                }),
+            (
+                any::<u64>(),
+                any::<u64>(),
+                proptest::collection::vec(any::<u8>(), 0..500)
+            )
+                .prop_map(|(c, g, b)| ClientFrame::GroupSend {
+                    client_msg_id: c,
+                    group: g,
+                    body: b.into()
+                }),
         ]
     }
 
@@ -1069,6 +1410,9 @@ mod tests {
                 ServerFrame::LoginOk { user: UserId(n), device: DeviceId(id as u32) },
                 ServerFrame::Presence { user: UserId(n), online: id % 2 == 0, last_seen_ms: id },
                 ServerFrame::Typing { from: UserId(id), state: TypingState::Composing },
+                ServerFrame::GroupOk { request_id: n, group: id, members: vec![(UserId(n), GroupRole::Admin), (UserId(id), GroupRole::Member)] },
+                ServerFrame::GroupDeliver { server_msg_id: ServerMsgId(id), group: n, sender: UserId(n), sender_device: DeviceId(3), server_ts_ms: id, body: Bytes::from(text.clone().into_bytes()) },
+                ServerFrame::GroupEvent { server_msg_id: ServerMsgId(n), group: id, ts_ms: n, op: GroupOp::Remove, actor: UserId(id), users: vec![UserId(n), UserId(1)] },
             ];
             for f in frames {
                 prop_assert_eq!(roundtrip_server(&f), f);

@@ -52,6 +52,15 @@ pub enum ErrorCode {
     PresenceLimit = 19,
     /// The recipient has blocked the sender: the message was not stored. Not fatal.
     Blocked = 20,
+    /// No such group. Not fatal.
+    GroupUnknown = 21,
+    /// Not allowed in this group: not a member, or not an admin for a membership change.
+    /// Not fatal.
+    GroupForbidden = 22,
+    /// The group would pass its member cap. Not fatal.
+    GroupFull = 23,
+    /// GROUP_CREATE for an id that exists. Not fatal.
+    GroupExists = 24,
 }
 
 impl ErrorCode {
@@ -79,6 +88,10 @@ impl ErrorCode {
             18 => RateLimited,
             19 => PresenceLimit,
             20 => Blocked,
+            21 => GroupUnknown,
+            22 => GroupForbidden,
+            23 => GroupFull,
+            24 => GroupExists,
             _ => return None,
         })
     }
@@ -97,6 +110,10 @@ impl ErrorCode {
                 | ErrorCode::RateLimited
                 | ErrorCode::PresenceLimit
                 | ErrorCode::Blocked
+                | ErrorCode::GroupUnknown
+                | ErrorCode::GroupForbidden
+                | ErrorCode::GroupFull
+                | ErrorCode::GroupExists
         )
     }
 
@@ -124,6 +141,10 @@ impl ErrorCode {
             RateLimited => "rate_limited",
             PresenceLimit => "presence_limit",
             Blocked => "blocked",
+            GroupUnknown => "group_unknown",
+            GroupForbidden => "group_forbidden",
+            GroupFull => "group_full",
+            GroupExists => "group_exists",
         }
     }
 }

@@ -39,8 +39,10 @@ use hdrhistogram::Histogram;
 use slab::Slab;
 use smallvec::SmallVec;
 
+mod groups;
 mod presence;
 
+pub use groups::GroupRequest;
 pub use presence::PresenceNote;
 
 use super::conn::{self, Conn};
@@ -159,6 +161,43 @@ pub enum Envelope {
         /// Refused targets.
         targets: Vec<UserId>,
     },
+    /// A group request or message, to the group's owner shard.
+    Group {
+        /// The requesting connection.
+        from: ConnRef,
+        /// Its user.
+        user: UserId,
+        /// Its device.
+        device: DeviceId,
+        /// What it asks.
+        request: GroupRequest,
+    },
+    /// A frame for one connection (answers to group requests).
+    Reply {
+        /// The connection.
+        to: ConnRef,
+        /// The frame.
+        frame: ServerFrame,
+    },
+    /// A group message or event for members owned by the destination shard: one envelope per
+    /// member shard, however many members there.
+    GroupFanout {
+        /// The group's shard.
+        origin: ShardId,
+        /// For a message: the id under which the origin waits for every member shard's commit.
+        fanout: Option<u64>,
+        /// What to queue (the body is shared, not copied, between members).
+        item: Item,
+        /// Members owned by the destination shard.
+        recipients: Vec<UserId>,
+    },
+    /// A member shard has committed its part of a fan-out.
+    FanoutDone {
+        /// The fan-out.
+        fanout: u64,
+        /// Its commit failed.
+        failed: bool,
+    },
     /// A typing indicator, to the recipient's owner shard; never stored.
     Typing {
         /// Who types.
@@ -213,6 +252,8 @@ pub struct ShardConfig {
     pub presence_subscribers_max: usize,
     /// Typing indicators per second per connection (0: no limit); bursts of twice that.
     pub typing_rate_per_s: u32,
+    /// Members one group may have.
+    pub group_members_max: usize,
     /// Test hook, never for production: silently drop every n-th message delivery (delete it
     /// as if acknowledged, send nothing), so that tests can prove the loadgen's loss check
     /// fails. Set only by the `GATEHOUSE_TEST_DROP_DELIVERY_EVERY` environment variable.
@@ -235,6 +276,14 @@ enum Completion {
         to: ConnRef,
         client_msg_id: u64,
         ts_ms: u64,
+    },
+    /// One member's append of a group message: the part of a fan-out this shard owes.
+    Fanout(Rc<groups::FanoutPart>),
+    /// A group's new member list: answer GROUP_OK once it commits.
+    GroupOk {
+        to: ConnRef,
+        request_id: u64,
+        group: u64,
     },
 }
 
@@ -293,6 +342,10 @@ pub struct ShardStats {
     pub typing_dropped: Cell<u64>,
     /// SENDs refused because the recipient blocks the sender.
     pub sends_blocked: Cell<u64>,
+    /// Group messages appended to members' queues on this shard (member-deliveries).
+    pub group_deliveries: Cell<u64>,
+    /// Group messages and events a member did not get: its queue was full.
+    pub group_queue_full: Cell<u64>,
 }
 
 fn bump(c: &Cell<u64>, n: u64) {
@@ -386,6 +439,12 @@ pub struct Shard {
     watchers: RefCell<HashMap<UserId, presence::Followers>>,
     /// Users of this shard who block anyone: only their blocks are looked up in the store.
     blockers: RefCell<std::collections::HashSet<UserId>>,
+    /// Members of the groups this shard owns that were used since start (read from the store
+    /// on first use).
+    groups: RefCell<HashMap<u64, Vec<(UserId, crate::proto::GroupRole)>>>,
+    /// Group messages waiting for their member shards' commits, by fan-out id.
+    fanouts: RefCell<HashMap<u64, groups::FanoutWait>>,
+    next_fanout: Cell<u64>,
     /// Counters.
     pub stats: ShardStats,
     /// Group commit latency, µs.
@@ -488,6 +547,9 @@ impl Shard {
             app_scratch: RefCell::new(Vec::new()),
             tls: seed.tls,
             watchers: RefCell::new(HashMap::new()),
+            groups: RefCell::new(HashMap::new()),
+            fanouts: RefCell::new(HashMap::new()),
+            next_fanout: Cell::new(0),
             blockers: RefCell::new(seed.blockers),
             stats: ShardStats::default(),
             commit_us: RefCell::new(hist()),
@@ -1142,6 +1204,38 @@ impl Shard {
                 Completion::None,
             ),
             Command::Block { block, user: other } => self.block(conn, user, other, block),
+            Command::Group {
+                request_id,
+                group,
+                op,
+                users,
+            } => self.group_command(
+                slot,
+                conn,
+                user,
+                device,
+                GroupRequest::Op {
+                    request_id,
+                    group,
+                    op,
+                    users,
+                },
+            ),
+            Command::GroupSend {
+                client_msg_id,
+                group,
+                body,
+            } => self.group_command(
+                slot,
+                conn,
+                user,
+                device,
+                GroupRequest::Send {
+                    client_msg_id,
+                    group,
+                    body,
+                },
+            ),
         }
     }
 
@@ -1248,6 +1342,10 @@ impl Shard {
                 );
             }
             Envelope::Handover { .. } => unreachable!("handovers arrive through drain tasks"),
+            env @ (Envelope::Group { .. }
+            | Envelope::Reply { .. }
+            | Envelope::GroupFanout { .. }
+            | Envelope::FanoutDone { .. }) => self.handle_group_envelope(env),
             other => self.handle_presence_envelope(other),
         }
     }
@@ -1352,6 +1450,10 @@ impl Shard {
     fn has_out_room(&self, conn: &Conn, item: &Item) -> bool {
         let len = match item {
             Item::Message { body, .. } => DELIVER_HEADER_BYTES + body.len(),
+            Item::GroupMessage { body, .. } => {
+                crate::proto::GROUP_DELIVER_HEADER_BYTES + body.len()
+            }
+            Item::GroupEvent { users, .. } => 40 + 8 * users.len(),
             Item::Receipt { .. } => 64,
         };
         conn.out_bytes() + len <= self.cfg.outbound_bytes_max / 2
@@ -1394,6 +1496,48 @@ impl Shard {
                 conn.delivered(InFlight {
                     id,
                     receipt_to: Some(*sender),
+                });
+            }
+            Item::GroupMessage {
+                group,
+                sender,
+                sender_device,
+                ts_ms,
+                body,
+            } => {
+                conn::IO_COUNTS.with(|c| bump(&c.frames_out, 1));
+                let header = crate::proto::group_deliver_header(
+                    id,
+                    *group,
+                    *sender,
+                    *sender_device,
+                    *ts_ms,
+                    body.len(),
+                );
+                conn.push_frame_parts(&header, body.clone());
+                conn.delivered(InFlight {
+                    id,
+                    receipt_to: None,
+                });
+            }
+            Item::GroupEvent {
+                group,
+                ts_ms,
+                op,
+                actor,
+                users,
+            } => {
+                conn.push_frame(&ServerFrame::GroupEvent {
+                    server_msg_id: id,
+                    group: *group,
+                    ts_ms: *ts_ms,
+                    op: *op,
+                    actor: *actor,
+                    users: users.clone(),
+                });
+                conn.delivered(InFlight {
+                    id,
+                    receipt_to: None,
                 });
             }
             Item::Receipt {
@@ -1526,16 +1670,22 @@ impl Shard {
                 for ((op, completion), outcome) in ops.into_iter().zip(completions).zip(outcomes) {
                     match (op, outcome) {
                         (Op::Append { user, id, item }, OpOutcome::Appended) => {
-                            if let Completion::SendAck {
-                                to,
-                                client_msg_id,
-                                ts_ms,
-                            } = completion
-                            {
-                                self.stats
-                                    .messages_accepted
-                                    .set(self.stats.messages_accepted.get() + 1);
-                                answer(to, client_msg_id, Ok((id, ts_ms)));
+                            match completion {
+                                Completion::SendAck {
+                                    to,
+                                    client_msg_id,
+                                    ts_ms,
+                                } => {
+                                    self.stats
+                                        .messages_accepted
+                                        .set(self.stats.messages_accepted.get() + 1);
+                                    answer(to, client_msg_id, Ok((id, ts_ms)));
+                                }
+                                Completion::Fanout(part) => {
+                                    bump(&self.stats.group_deliveries, 1);
+                                    self.fanout_part_done(&part, false);
+                                }
+                                _ => {}
                             }
                             self.deliver_live(user, id, &item);
                         }
@@ -1555,13 +1705,42 @@ impl Shard {
                                     )),
                                 );
                             }
-                            Completion::None | Completion::Receipt { .. } => {
+                            Completion::Fanout(part) => {
+                                // The member's queue is full: it misses this one (counted); the
+                                // others have it, so the send is still acknowledged.
+                                bump(&self.stats.group_queue_full, 1);
+                                tracing::debug!(shard = self.id.0, %user, "group item dropped: member's queue full");
+                                self.fanout_part_done(&part, false);
+                            }
+                            Completion::None
+                            | Completion::Receipt { .. }
+                            | Completion::GroupOk { .. } => {
                                 self.stats
                                     .receipts_dropped
                                     .set(self.stats.receipts_dropped.get() + 1);
                                 tracing::debug!(shard = self.id.0, %user, "receipt dropped: receipt allowance full");
                             }
                         },
+                        (Op::PutGroup { .. }, _) => {
+                            if let Completion::GroupOk {
+                                to,
+                                request_id,
+                                group,
+                            } = completion
+                            {
+                                self.route(
+                                    to.shard,
+                                    Envelope::Reply {
+                                        to,
+                                        frame: ServerFrame::GroupOk {
+                                            request_id,
+                                            group,
+                                            members: Vec::new(),
+                                        },
+                                    },
+                                );
+                            }
+                        }
                         (Op::Delete { .. }, OpOutcome::Deleted(true)) => {
                             if let Completion::Receipt {
                                 to,
@@ -1592,18 +1771,44 @@ impl Shard {
                     .set(self.stats.commit_failures.get() + 1);
                 tracing::error!(shard = self.id.0, error = %e, ops = completions.len(), "group commit failed; refusing its sends");
                 for completion in completions {
-                    if let Completion::SendAck {
-                        to, client_msg_id, ..
-                    } = completion
-                    {
-                        self.stats
-                            .messages_refused
-                            .set(self.stats.messages_refused.get() + 1);
-                        answer(
+                    match completion {
+                        Completion::SendAck {
+                            to, client_msg_id, ..
+                        } => {
+                            self.stats
+                                .messages_refused
+                                .set(self.stats.messages_refused.get() + 1);
+                            answer(
+                                to,
+                                client_msg_id,
+                                Err((ErrorCode::StoreFailed, e.client_message())),
+                            );
+                        }
+                        Completion::Fanout(part) => self.fanout_part_done(&part, true),
+                        Completion::GroupOk {
                             to,
-                            client_msg_id,
-                            Err((ErrorCode::StoreFailed, e.client_message())),
-                        );
+                            request_id,
+                            group,
+                        } => {
+                            // The cached member list may hold the change that failed: read
+                            // the group again from the store on next use.
+                            self.groups.borrow_mut().remove(&group);
+                            self.route(
+                                to.shard,
+                                Envelope::Reply {
+                                    to,
+                                    frame: ServerFrame::error(
+                                        ErrorCode::StoreFailed,
+                                        request_id,
+                                        format!(
+                                            "group {group} not changed: {}",
+                                            e.client_message()
+                                        ),
+                                    ),
+                                },
+                            );
+                        }
+                        Completion::None | Completion::Receipt { .. } => {}
                     }
                 }
             }
@@ -1836,6 +2041,8 @@ impl Shard {
             typing_forwarded: st.typing_forwarded.get(),
             typing_dropped: st.typing_dropped.get(),
             sends_blocked: st.sends_blocked.get(),
+            group_deliveries: st.group_deliveries.get(),
+            group_queue_full: st.group_queue_full.get(),
             outbound_bytes_queued: io.out_bytes_queued.get(),
             commit_us: Buckets::from_histogram(&self.commit_us.borrow(), &LATENCY_BOUNDS_US),
             commit_ops: Buckets::from_histogram(&self.commit_ops.borrow(), &BATCH_BOUNDS),

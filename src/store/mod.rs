@@ -11,7 +11,8 @@
 //! - `meta`: `"layout"` → `shard:u16 shards:u16`; `"epoch"` → `u16`;
 //!   `'c' | user:u64` → `messages:u32 receipts:u32` (queue counts for the per-user limit);
 //!   `'p' | user:u64` → `last_seen_ms:u64 flags:u8` (presence: when the user was last online,
-//!   bit 0 = hide last-seen); `'b' | blocker:u64 | blocked:u64` → empty (a block).
+//!   bit 0 = hide last-seen); `'b' | blocker:u64 | blocked:u64` → empty (a block);
+//!   `'g' | group:u64` → `(user:u64 role:u8)*` (the members of a group this shard owns).
 
 use std::path::{Path, PathBuf};
 
@@ -22,7 +23,7 @@ use thiserror::Error;
 
 use crate::config::SyncPolicy;
 use crate::ids::{DeviceId, ServerMsgId, ShardId, UserId};
-use crate::proto::ReceiptKind;
+use crate::proto::{GroupOp, GroupRole, ReceiptKind};
 
 /// A store failure. Every one is an environment problem (disk, permissions, full map), not a
 /// peer's fault: the affected sends are refused with STORE_FAILED and nothing is acknowledged.
@@ -78,6 +79,33 @@ pub enum Item {
         /// Opaque body, shared (not copied) between the pending batch and live delivery.
         body: Bytes,
     },
+    /// A message to a group this user is in (one copy per member's queue; the body is shared
+    /// in memory, stored per queue).
+    GroupMessage {
+        /// The group.
+        group: u64,
+        /// Sender.
+        sender: UserId,
+        /// Sender's device.
+        sender_device: DeviceId,
+        /// When the group's shard accepted it.
+        ts_ms: u64,
+        /// Opaque body.
+        body: Bytes,
+    },
+    /// A membership change in a group this user is or was in.
+    GroupEvent {
+        /// The group.
+        group: u64,
+        /// When.
+        ts_ms: u64,
+        /// What changed.
+        op: GroupOp,
+        /// Who changed it.
+        actor: UserId,
+        /// Whom it concerns.
+        users: Vec<UserId>,
+    },
     /// A receipt for a message this user sent.
     Receipt {
         /// Delivered or read.
@@ -93,6 +121,8 @@ pub enum Item {
 
 const ITEM_MESSAGE: u8 = 1;
 const ITEM_RECEIPT: u8 = 2;
+const ITEM_GROUP_MESSAGE: u8 = 3;
+const ITEM_GROUP_EVENT: u8 = 4;
 
 impl Item {
     /// Encodes for storage.
@@ -110,6 +140,41 @@ impl Item {
                 v.extend_from_slice(&sender_device.0.to_be_bytes());
                 v.extend_from_slice(&ts_ms.to_be_bytes());
                 v.extend_from_slice(body);
+                v
+            }
+            Item::GroupMessage {
+                group,
+                sender,
+                sender_device,
+                ts_ms,
+                body,
+            } => {
+                let mut v = Vec::with_capacity(29 + body.len());
+                v.push(ITEM_GROUP_MESSAGE);
+                v.extend_from_slice(&group.to_be_bytes());
+                v.extend_from_slice(&sender.0.to_be_bytes());
+                v.extend_from_slice(&sender_device.0.to_be_bytes());
+                v.extend_from_slice(&ts_ms.to_be_bytes());
+                v.extend_from_slice(body);
+                v
+            }
+            Item::GroupEvent {
+                group,
+                ts_ms,
+                op,
+                actor,
+                users,
+            } => {
+                let mut v = Vec::with_capacity(28 + 8 * users.len());
+                v.push(ITEM_GROUP_EVENT);
+                v.extend_from_slice(&group.to_be_bytes());
+                v.extend_from_slice(&ts_ms.to_be_bytes());
+                v.push(*op as u8);
+                v.extend_from_slice(&actor.0.to_be_bytes());
+                v.extend_from_slice(&(users.len() as u16).to_be_bytes());
+                users
+                    .iter()
+                    .for_each(|u| v.extend_from_slice(&u.0.to_be_bytes()));
                 v
             }
             Item::Receipt {
@@ -142,6 +207,28 @@ impl Item {
                 ts_ms: u64_at(13)?,
                 body: Bytes::copy_from_slice(&v[21..]),
             }),
+            ITEM_GROUP_MESSAGE if v.len() >= 29 => Some(Item::GroupMessage {
+                group: u64_at(1)?,
+                sender: UserId(u64_at(9)?),
+                sender_device: DeviceId(u32::from_be_bytes(v[17..21].try_into().ok()?)),
+                ts_ms: u64_at(21)?,
+                body: Bytes::copy_from_slice(&v[29..]),
+            }),
+            ITEM_GROUP_EVENT if v.len() >= 28 => {
+                let count = usize::from(u16::from_be_bytes(v[26..28].try_into().ok()?));
+                if v.len() != 28 + 8 * count {
+                    return None;
+                }
+                Some(Item::GroupEvent {
+                    group: u64_at(1)?,
+                    ts_ms: u64_at(9)?,
+                    op: GroupOp::from_u8(v[17])?,
+                    actor: UserId(u64_at(18)?),
+                    users: (0..count)
+                        .map(|i| u64_at(28 + 8 * i).map(UserId))
+                        .collect::<Option<_>>()?,
+                })
+            }
             ITEM_RECEIPT if v.len() == 26 => Some(Item::Receipt {
                 kind: ReceiptKind::from_u8(v[1])?,
                 from: UserId(u64_at(2)?),
@@ -189,6 +276,13 @@ pub enum Op {
         user: UserId,
         /// Hide last-seen from followers.
         hide_last_seen: bool,
+    },
+    /// Write a group's member list (or delete the group when it is empty).
+    PutGroup {
+        /// The group.
+        group: u64,
+        /// Members and roles, sorted by user.
+        members: Vec<(UserId, GroupRole)>,
     },
     /// Add (`on`) or remove a block of `blocked` by `blocker`.
     Block {
@@ -254,6 +348,13 @@ fn presence_key(user: UserId) -> [u8; 9] {
     let mut k = [0u8; 9];
     k[0] = b'p';
     k[1..].copy_from_slice(&user.0.to_be_bytes());
+    k
+}
+
+fn group_key(group: u64) -> [u8; 9] {
+    let mut k = [0u8; 9];
+    k[0] = b'g';
+    k[1..].copy_from_slice(&group.to_be_bytes());
     k
 }
 
@@ -471,6 +572,22 @@ impl Store {
                     self.put_presence(&mut wtxn, *user, r)?;
                     OpOutcome::Written
                 }
+                Op::PutGroup { group, members } => {
+                    let key = group_key(*group);
+                    if members.is_empty() {
+                        self.meta.delete(&mut wtxn, &key).map_err(|e| self.err(e))?;
+                    } else {
+                        let mut v = Vec::with_capacity(9 * members.len());
+                        for (u, r) in members {
+                            v.extend_from_slice(&u.0.to_be_bytes());
+                            v.push(*r as u8);
+                        }
+                        self.meta
+                            .put(&mut wtxn, &key, &v)
+                            .map_err(|e| self.err(e))?;
+                    }
+                    OpOutcome::Written
+                }
                 Op::Block {
                     blocker,
                     blocked,
@@ -527,6 +644,34 @@ impl Store {
     pub fn presence(&self, user: UserId) -> Result<PresenceRecord, StoreError> {
         let rtxn = self.env.read_txn().map_err(|e| self.err(e))?;
         self.presence_in(&rtxn, user)
+    }
+
+    /// The members of `group` (owned by this shard), or `None` if it does not exist.
+    pub fn group(&self, group: u64) -> Result<Option<Vec<(UserId, GroupRole)>>, StoreError> {
+        let rtxn = self.env.read_txn().map_err(|e| self.err(e))?;
+        let Some(v) = self
+            .meta
+            .get(&rtxn, &group_key(group))
+            .map_err(|e| self.err(e))?
+        else {
+            return Ok(None);
+        };
+        let corrupt = || StoreError::Corrupt {
+            path: self.path.clone(),
+            why: "group record",
+        };
+        if v.len() % 9 != 0 {
+            return Err(corrupt());
+        }
+        v.chunks(9)
+            .map(|c| {
+                let user = UserId(u64::from_be_bytes(c[..8].try_into().expect("8 bytes")));
+                GroupRole::from_u8(c[8])
+                    .map(|r| (user, r))
+                    .ok_or_else(corrupt)
+            })
+            .collect::<Result<Vec<_>, _>>()
+            .map(Some)
     }
 
     /// Whether `blocker` has blocked `blocked`. A read snapshot.

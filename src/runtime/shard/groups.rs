@@ -1,0 +1,531 @@
+//! Groups, on the shard that owns each group (`owner_shard` of the group id).
+//!
+//! The owner shard keeps the member list (in its store, `Op::PutGroup`, cached in memory once
+//! used) and is where every request and message for the group goes:
+//!
+//! ```text
+//! member's shard ── Group{request} ──▶ group's shard: check membership and role
+//!                                       GROUP_SEND: id, then per member shard:
+//!                       ◀── GroupFanout{item, members there} (one envelope per shard)
+//! member shards: append to each member's queue (group commit), deliver live,
+//!                ── FanoutDone ──▶ group's shard: when every member shard has committed,
+//!                                  SEND_ACK to the sender (the durability contract)
+//! ```
+//!
+//! Membership changes are applied to the cached list at once, written through the group
+//! commit (GROUP_OK answers once it commits), and announced to the members as a queued
+//! GROUP_EVENT sent down the same per-shard channels as the messages, so members see events
+//! and messages in the order the group's shard handled them.
+//!
+//! Must never: acknowledge a group message before every member shard has committed it, copy a
+//! body per member in memory, or let a non-admin change membership.
+
+use std::cell::Cell;
+use std::collections::{BTreeMap, HashMap};
+use std::rc::Rc;
+
+use bytes::Bytes;
+
+use super::{Completion, ConnRef, Envelope, Shard};
+use crate::ids::{owner_node, owner_shard, DeviceId, ServerMsgId, ShardId, UserId};
+use crate::proto::{group_body_bytes_max, ErrorCode, GroupOp, GroupRole, ServerFrame};
+use crate::runtime::conn::Conn;
+use crate::runtime::now_ms;
+use crate::store::{Item, Op};
+
+/// A request for a group's shard.
+#[derive(Clone, Debug)]
+pub enum GroupRequest {
+    /// Create, add, remove, leave or list.
+    Op {
+        /// Echoed in the answer.
+        request_id: u64,
+        /// The group.
+        group: u64,
+        /// What to do.
+        op: GroupOp,
+        /// Users named.
+        users: Vec<UserId>,
+    },
+    /// A message to the members.
+    Send {
+        /// Echoed in the answer.
+        client_msg_id: u64,
+        /// The group.
+        group: u64,
+        /// Opaque body.
+        body: Bytes,
+    },
+}
+
+/// A group message waiting, on the group's shard, for its member shards' commits.
+#[derive(Debug)]
+pub(super) struct FanoutWait {
+    shards_left: usize,
+    to: ConnRef,
+    client_msg_id: u64,
+    msg_id: ServerMsgId,
+    ts_ms: u64,
+    failed: bool,
+}
+
+/// A member shard's part of one fan-out: its appends left to commit.
+#[derive(Debug)]
+pub(super) struct FanoutPart {
+    origin: ShardId,
+    fanout: u64,
+    left: Cell<usize>,
+    failed: Cell<bool>,
+}
+
+/// The shard that owns `group`.
+fn group_shard(group: u64, shards: usize) -> ShardId {
+    owner_shard(UserId(group), shards)
+}
+
+type Members = Vec<(UserId, GroupRole)>;
+
+fn role_of(members: &Members, user: UserId) -> Option<GroupRole> {
+    members
+        .binary_search_by_key(&user, |(u, _)| *u)
+        .ok()
+        .map(|i| members[i].1)
+}
+
+impl Shard {
+    /// A GROUP or GROUP_SEND on the member's connection: checked, then to the group's shard.
+    pub(super) fn group_command(
+        &self,
+        slot: u32,
+        conn: &Rc<Conn>,
+        user: UserId,
+        device: DeviceId,
+        request: GroupRequest,
+    ) {
+        let (ref_id, group) = match &request {
+            GroupRequest::Op {
+                request_id, group, ..
+            } => (*request_id, *group),
+            GroupRequest::Send {
+                client_msg_id,
+                group,
+                ..
+            } => (*client_msg_id, *group),
+        };
+        if group == 0 {
+            conn.push_frame(&ServerFrame::error(
+                ErrorCode::GroupUnknown,
+                ref_id,
+                "group 0 is not a group",
+            ));
+            return;
+        }
+        let node = owner_node(UserId(group), self.params.nodes as usize);
+        if node != self.params.node_id {
+            conn.push_frame(&ServerFrame::error(
+                ErrorCode::WrongNode,
+                ref_id,
+                format!(
+                    "group {group} belongs to node {node}; cross-node groups are not supported yet"
+                ),
+            ));
+            return;
+        }
+        if let GroupRequest::Send { body, .. } = &request {
+            let max = group_body_bytes_max(self.cfg.max_frame_bytes);
+            if body.len() > max {
+                conn.push_frame(&ServerFrame::error(
+                    ErrorCode::BodyTooLarge,
+                    ref_id,
+                    format!("body of {} bytes exceeds the maximum of {max}", body.len()),
+                ));
+                return;
+            }
+            conn.send_started();
+        }
+        let from = ConnRef {
+            shard: self.id,
+            slot,
+            gen: conn.gen,
+        };
+        self.route(
+            group_shard(group, self.shards),
+            Envelope::Group {
+                from,
+                user,
+                device,
+                request,
+            },
+        );
+    }
+
+    /// The group envelopes.
+    pub(super) fn handle_group_envelope(&self, env: Envelope) {
+        match env {
+            Envelope::Group {
+                from,
+                user,
+                device,
+                request,
+            } => match request {
+                GroupRequest::Op {
+                    request_id,
+                    group,
+                    op,
+                    users,
+                } => self.group_op(from, user, request_id, group, op, users),
+                GroupRequest::Send {
+                    client_msg_id,
+                    group,
+                    body,
+                } => self.group_send(from, user, device, client_msg_id, group, body),
+            },
+            Envelope::Reply { to, frame } => {
+                if let Some(c) = self.conn_by_ref(to) {
+                    c.push_frame(&frame);
+                }
+            }
+            Envelope::GroupFanout {
+                origin,
+                fanout,
+                item,
+                recipients,
+            } => {
+                let part = fanout.map(|fanout| {
+                    Rc::new(FanoutPart {
+                        origin,
+                        fanout,
+                        left: Cell::new(recipients.len()),
+                        failed: Cell::new(false),
+                    })
+                });
+                for user in recipients {
+                    let id = self.next_msg_id();
+                    let completion = match &part {
+                        Some(p) => Completion::Fanout(p.clone()),
+                        None => Completion::None,
+                    };
+                    self.enqueue_op(
+                        Op::Append {
+                            user,
+                            id,
+                            item: item.clone(),
+                        },
+                        completion,
+                    );
+                }
+            }
+            Envelope::FanoutDone { fanout, failed } => {
+                let done = {
+                    let mut f = self.fanouts.borrow_mut();
+                    let Some(w) = f.get_mut(&fanout) else {
+                        return;
+                    };
+                    w.failed |= failed;
+                    w.shards_left -= 1;
+                    if w.shards_left == 0 {
+                        f.remove(&fanout)
+                    } else {
+                        None
+                    }
+                };
+                if let Some(w) = done {
+                    self.answer_group_send(w);
+                }
+            }
+            other => unreachable!("not a group envelope: {other:?}"),
+        }
+    }
+
+    /// One member's append committed (or failed): when the shard's part is done, tell the
+    /// group's shard.
+    pub(super) fn fanout_part_done(&self, part: &FanoutPart, failed: bool) {
+        part.failed.set(part.failed.get() || failed);
+        let left = part.left.get() - 1;
+        part.left.set(left);
+        if left == 0 {
+            self.route(
+                part.origin,
+                Envelope::FanoutDone {
+                    fanout: part.fanout,
+                    failed: part.failed.get(),
+                },
+            );
+        }
+    }
+
+    fn answer_group_send(&self, w: FanoutWait) {
+        let result = if w.failed {
+            Err((
+                ErrorCode::StoreFailed,
+                "message not stored for every member; retry later".to_string(),
+            ))
+        } else {
+            Ok((w.msg_id, w.ts_ms))
+        };
+        self.route(
+            w.to.shard,
+            Envelope::SendResult {
+                to: w.to,
+                client_msg_id: w.client_msg_id,
+                result,
+            },
+        );
+    }
+
+    /// The members of `group` (this shard owns it), from the cache or the store.
+    fn members_of(&self, group: u64) -> Result<Option<Members>, String> {
+        if let Some(m) = self.groups.borrow().get(&group) {
+            return Ok(Some(m.clone()));
+        }
+        match self.store.group(group) {
+            Ok(Some(m)) => {
+                self.groups.borrow_mut().insert(group, m.clone());
+                Ok(Some(m))
+            }
+            Ok(None) => Ok(None),
+            Err(e) => {
+                tracing::error!(shard = self.id.0, group, error = %e, "group read failed");
+                Err(e.client_message())
+            }
+        }
+    }
+
+    /// Sends `item` to `recipients`, one envelope per member shard; with `wait`, returns the
+    /// number of shards that will answer with FanoutDone.
+    fn fan_out(&self, item: Item, recipients: Vec<UserId>, fanout: Option<u64>) -> usize {
+        let mut by_shard: HashMap<ShardId, Vec<UserId>> = HashMap::new();
+        for u in recipients {
+            by_shard
+                .entry(owner_shard(u, self.shards))
+                .or_default()
+                .push(u);
+        }
+        let n = by_shard.len();
+        for (shard, recipients) in by_shard {
+            self.route(
+                shard,
+                Envelope::GroupFanout {
+                    origin: self.id,
+                    fanout,
+                    item: item.clone(),
+                    recipients,
+                },
+            );
+        }
+        n
+    }
+
+    fn group_send(
+        &self,
+        from: ConnRef,
+        user: UserId,
+        device: DeviceId,
+        client_msg_id: u64,
+        group: u64,
+        body: Bytes,
+    ) {
+        let refuse = |code, message: String| {
+            self.route(
+                from.shard,
+                Envelope::SendResult {
+                    to: from,
+                    client_msg_id,
+                    result: Err((code, message)),
+                },
+            )
+        };
+        let members = match self.members_of(group) {
+            Ok(Some(m)) => m,
+            Ok(None) => return refuse(ErrorCode::GroupUnknown, format!("no group {group}")),
+            Err(why) => return refuse(ErrorCode::StoreFailed, why),
+        };
+        if role_of(&members, user).is_none() {
+            return refuse(
+                ErrorCode::GroupForbidden,
+                format!("you are not a member of group {group}"),
+            );
+        }
+        let msg_id = self.next_msg_id();
+        let ts_ms = now_ms();
+        let recipients: Vec<UserId> = members
+            .iter()
+            .map(|(u, _)| *u)
+            .filter(|u| *u != user)
+            .collect();
+        let fanout = self.next_fanout.get();
+        self.next_fanout.set(fanout + 1);
+        let wait = FanoutWait {
+            shards_left: 0,
+            to: from,
+            client_msg_id,
+            msg_id,
+            ts_ms,
+            failed: false,
+        };
+        let item = Item::GroupMessage {
+            group,
+            sender: user,
+            sender_device: device,
+            ts_ms,
+            body,
+        };
+        let shards = self.fan_out(item, recipients, Some(fanout));
+        if shards == 0 {
+            // The sender is the only member: stored for nobody, acknowledged at once.
+            self.answer_group_send(wait);
+        } else {
+            self.fanouts.borrow_mut().insert(
+                fanout,
+                FanoutWait {
+                    shards_left: shards,
+                    ..wait
+                },
+            );
+        }
+    }
+
+    fn group_op(
+        &self,
+        from: ConnRef,
+        user: UserId,
+        request_id: u64,
+        group: u64,
+        op: GroupOp,
+        users: Vec<UserId>,
+    ) {
+        let reply =
+            |frame: ServerFrame| self.route(from.shard, Envelope::Reply { to: from, frame });
+        let refuse = |code, message: String| reply(ServerFrame::error(code, request_id, message));
+        let nodes = self.params.nodes as usize;
+        if let Some(u) = users.iter().find(|u| u.0 == 0) {
+            return refuse(ErrorCode::BadRecipient, format!("user {u} is not a user"));
+        }
+        if let Some(u) = users
+            .iter()
+            .find(|u| owner_node(**u, nodes) != self.params.node_id)
+        {
+            return refuse(
+                ErrorCode::WrongNode,
+                format!(
+                    "user {u} belongs to another node; cross-node groups are not supported yet"
+                ),
+            );
+        }
+        let cap = self.cfg.group_members_max;
+        let current = match self.members_of(group) {
+            Ok(m) => m,
+            Err(why) => return refuse(ErrorCode::StoreFailed, why),
+        };
+        let role = current.as_ref().and_then(|m| role_of(m, user));
+        let (members, event_users, mut recipients): (Members, Vec<UserId>, Vec<UserId>) =
+            match (op, current) {
+                (GroupOp::Create, Some(_)) => {
+                    return refuse(ErrorCode::GroupExists, format!("group {group} exists"))
+                }
+                (GroupOp::Create, None) => {
+                    let mut m: BTreeMap<UserId, GroupRole> =
+                        users.iter().map(|u| (*u, GroupRole::Member)).collect();
+                    m.insert(user, GroupRole::Admin);
+                    if m.len() > cap {
+                        return refuse(
+                            ErrorCode::GroupFull,
+                            format!("{} members would pass the cap of {cap}", m.len()),
+                        );
+                    }
+                    let members: Members = m.into_iter().collect();
+                    let all: Vec<UserId> = members.iter().map(|(u, _)| *u).collect();
+                    (members, all, Vec::new())
+                }
+                (_, None) => return refuse(ErrorCode::GroupUnknown, format!("no group {group}")),
+                (GroupOp::List, Some(m)) => {
+                    if role.is_none() {
+                        return refuse(
+                            ErrorCode::GroupForbidden,
+                            format!("you are not a member of group {group}"),
+                        );
+                    }
+                    return reply(ServerFrame::GroupOk {
+                        request_id,
+                        group,
+                        members: m,
+                    });
+                }
+                (GroupOp::Add | GroupOp::Remove, Some(_)) if role != Some(GroupRole::Admin) => {
+                    return refuse(
+                        ErrorCode::GroupForbidden,
+                        format!("only an admin of group {group} changes its members"),
+                    )
+                }
+                (GroupOp::Leave, Some(_)) if role.is_none() => {
+                    return refuse(
+                        ErrorCode::GroupForbidden,
+                        format!("you are not a member of group {group}"),
+                    )
+                }
+                (GroupOp::Add, Some(mut m)) => {
+                    let mut added: Vec<UserId> = users
+                        .iter()
+                        .copied()
+                        .filter(|u| role_of(&m, *u).is_none())
+                        .collect();
+                    added.sort_unstable();
+                    added.dedup();
+                    if m.len() + added.len() > cap {
+                        return refuse(
+                            ErrorCode::GroupFull,
+                            format!(
+                                "{} members would pass the cap of {cap}",
+                                m.len() + added.len()
+                            ),
+                        );
+                    }
+                    m.extend(added.iter().map(|u| (*u, GroupRole::Member)));
+                    m.sort_unstable();
+                    (m, added, Vec::new())
+                }
+                (GroupOp::Remove | GroupOp::Leave, Some(mut m)) => {
+                    let gone: Vec<UserId> = if op == GroupOp::Leave {
+                        vec![user]
+                    } else {
+                        users
+                            .iter()
+                            .copied()
+                            .filter(|u| role_of(&m, *u).is_some())
+                            .collect()
+                    };
+                    m.retain(|(u, _)| !gone.contains(u));
+                    // A group keeps an admin while it has members: the first by id takes over.
+                    if !m.is_empty() && !m.iter().any(|(_, r)| *r == GroupRole::Admin) {
+                        m[0].1 = GroupRole::Admin;
+                    }
+                    (m, gone.clone(), gone)
+                }
+            };
+        // Members after the change hear of it, and so do those who left or were removed.
+        recipients.extend(members.iter().map(|(u, _)| *u));
+        if members.is_empty() {
+            self.groups.borrow_mut().remove(&group);
+        } else {
+            self.groups.borrow_mut().insert(group, members.clone());
+        }
+        self.enqueue_op(
+            Op::PutGroup { group, members },
+            Completion::GroupOk {
+                to: from,
+                request_id,
+                group,
+            },
+        );
+        // Queued for the members now, down the same channels as the group's messages, so that
+        // they see events and messages in the order this shard handled them.
+        let event = Item::GroupEvent {
+            group,
+            ts_ms: now_ms(),
+            op,
+            actor: user,
+            users: event_users,
+        };
+        self.fan_out(event, recipients, None);
+    }
+}

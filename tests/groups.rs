@@ -1,0 +1,363 @@
+//! Group chat end to end: membership with roles and caps, fan-out across shards with the
+//! durability contract, events in order with messages, persistence, bad input.
+
+mod common;
+
+use common::*;
+use gatehouse::client::Client;
+use gatehouse::ids::{ServerMsgId, UserId};
+use gatehouse::proto::{ClientFrame, ErrorCode, GroupOp, GroupRole, ServerFrame};
+
+fn group(c: &mut Client, request_id: u64, g: u64, op: GroupOp, users: &[u64]) {
+    c.send(&ClientFrame::Group {
+        request_id,
+        group: g,
+        op,
+        users: users.iter().map(|u| UserId(*u)).collect(),
+    })
+    .unwrap();
+}
+
+/// Reads until GROUP_OK for `request_id`, ACKing group events on the way; returns the list.
+fn expect_ok(c: &mut Client, request_id: u64) -> Vec<(UserId, GroupRole)> {
+    loop {
+        match c.recv_frame().unwrap() {
+            ServerFrame::GroupOk {
+                request_id: r,
+                members,
+                ..
+            } if r == request_id => return members,
+            ServerFrame::GroupEvent { server_msg_id, .. } => c.ack(&[server_msg_id]).unwrap(),
+            ServerFrame::Presence { .. } => {}
+            other => panic!("expected GROUP_OK {request_id}, got {other:?}"),
+        }
+    }
+}
+
+/// The next frame that is not a GROUP_EVENT (events on the way are ACKed: an actor is a member
+/// and gets its own events, in any order with its answers).
+fn next_non_event(c: &mut Client) -> ServerFrame {
+    loop {
+        match c.recv_frame().unwrap() {
+            ServerFrame::GroupEvent { server_msg_id, .. } => c.ack(&[server_msg_id]).unwrap(),
+            other => return other,
+        }
+    }
+}
+
+fn expect_err(c: &mut Client, code: ErrorCode, ref_id: u64) -> String {
+    match next_non_event(c) {
+        ServerFrame::Error {
+            code: got,
+            fatal,
+            ref_id: r,
+            message,
+        } => {
+            assert_eq!(
+                (got, fatal, r),
+                (code as u16, code.is_fatal(), ref_id),
+                "{message}"
+            );
+            message
+        }
+        other => panic!("expected ERROR {code:?}, got {other:?}"),
+    }
+}
+
+fn expect_ack(c: &mut Client, client_msg_id: u64) {
+    match next_non_event(c) {
+        ServerFrame::SendAck {
+            client_msg_id: got, ..
+        } => assert_eq!(got, client_msg_id),
+        other => panic!("expected SEND_ACK {client_msg_id}, got {other:?}"),
+    }
+}
+
+/// The next GROUP_EVENT (ACKed): (op, actor, users).
+fn expect_event(c: &mut Client) -> (GroupOp, u64, Vec<u64>) {
+    match c.recv_frame().unwrap() {
+        ServerFrame::GroupEvent {
+            server_msg_id,
+            op,
+            actor,
+            users,
+            ..
+        } => {
+            c.ack(&[server_msg_id]).unwrap();
+            (op, actor.0, users.iter().map(|u| u.0).collect())
+        }
+        other => panic!("expected GROUP_EVENT, got {other:?}"),
+    }
+}
+
+/// The next GROUP_DELIVER (ACKed): (group, sender, body).
+fn expect_group_message(c: &mut Client) -> (u64, u64, Vec<u8>) {
+    match c.recv_frame().unwrap() {
+        ServerFrame::GroupDeliver {
+            server_msg_id,
+            group,
+            sender,
+            body,
+            ..
+        } => {
+            c.ack(&[server_msg_id]).unwrap();
+            (group, sender.0, body.to_vec())
+        }
+        other => panic!("expected GROUP_DELIVER, got {other:?}"),
+    }
+}
+
+fn group_send(c: &mut Client, client_msg_id: u64, g: u64, body: &[u8]) {
+    c.send(&ClientFrame::GroupSend {
+        client_msg_id,
+        group: g,
+        body: body.to_vec().into(),
+    })
+    .unwrap();
+}
+
+#[test]
+fn a_group_message_reaches_every_member_across_shards_before_its_ack() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = start(config(dir.path()));
+    let addr = node.local_addr;
+    let (a, b, c) = (
+        user_on_shard(100, 0, 2),
+        user_on_shard(100, 1, 2),
+        user_on_shard(200, 0, 2),
+    );
+    let g = 77;
+    let mut ca = login(addr, a, 1);
+    let mut cb = login(addr, b, 1);
+    let mut cc = login(addr, c, 1);
+    group(&mut ca, 1, g, GroupOp::Create, &[b, c]);
+    expect_ok(&mut ca, 1);
+    for cl in [&mut cb, &mut cc] {
+        let (op, actor, mut users) = expect_event(cl);
+        users.sort_unstable();
+        let mut all = vec![a, b, c];
+        all.sort_unstable();
+        assert_eq!((op, actor, users), (GroupOp::Create, a, all));
+    }
+    group_send(&mut ca, 10, g, b"hello group");
+    match next_non_event(&mut ca) {
+        ServerFrame::SendAck {
+            client_msg_id: 10,
+            server_msg_id,
+            ..
+        } => assert_ne!(server_msg_id, ServerMsgId(0)),
+        other => panic!("expected SEND_ACK, got {other:?}"),
+    }
+    for cl in [&mut cb, &mut cc] {
+        assert_eq!(expect_group_message(cl), (g, a, b"hello group".to_vec()));
+    }
+    // The sender's own connection gets no copy of its message.
+    ca.send(&ClientFrame::Ping { nonce: 1 }).unwrap();
+    assert_eq!(next_non_event(&mut ca), ServerFrame::Pong { nonce: 1 });
+
+    // A large group with offline members: acknowledged once stored for all of them; a member
+    // who logs in later finds it in its queue.
+    let members: Vec<u64> = (1000..1300).collect();
+    group(&mut ca, 2, g + 1, GroupOp::Create, &members);
+    expect_ok(&mut ca, 2);
+    group_send(&mut ca, 11, g + 1, &[7u8; 5000]);
+    expect_ack(&mut ca, 11);
+    let mut late = login(addr, 1150, 1);
+    assert_eq!(expect_event(&mut late).0, GroupOp::Create);
+    assert_eq!(expect_group_message(&mut late), (g + 1, a, vec![7u8; 5000]));
+    let body = http(node.admin_addr.unwrap(), "GET", "/metrics").1;
+    // Member-deliveries of messages: 2 for the first group, 300 for the second.
+    assert_eq!(metric(&body, "gatehouse_group_deliveries_total", ""), 302.0);
+    node.shutdown().unwrap();
+}
+
+#[test]
+fn only_admins_change_membership_and_every_change_is_an_event() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(dir.path());
+    cfg.limits.group_members_max = 4;
+    let node = start(cfg);
+    let addr = node.local_addr;
+    let (a, b, c, d) = (11, 12, 13, 14);
+    let g = 500;
+    let mut ca = login(addr, a, 1);
+    let mut cb = login(addr, b, 1);
+    let mut cc = login(addr, c, 1);
+    // Caps: 5 members would pass the cap of 4.
+    group(&mut ca, 1, g, GroupOp::Create, &[b, c, d, 15]);
+    let msg = expect_err(&mut ca, ErrorCode::GroupFull, 1);
+    assert!(msg.contains("cap of 4"), "{msg}");
+    group(&mut ca, 2, g, GroupOp::Create, &[b]);
+    expect_ok(&mut ca, 2);
+    assert_eq!(expect_event(&mut cb).0, GroupOp::Create);
+    group(&mut ca, 3, g, GroupOp::Create, &[c]);
+    expect_err(&mut ca, ErrorCode::GroupExists, 3);
+    // A member is not an admin.
+    group(&mut cb, 4, g, GroupOp::Add, &[c]);
+    let msg = expect_err(&mut cb, ErrorCode::GroupForbidden, 4);
+    assert!(msg.contains("admin"), "{msg}");
+    // The admin adds C: everyone, C included, hears it.
+    group(&mut ca, 5, g, GroupOp::Add, &[c]);
+    expect_ok(&mut ca, 5);
+    assert_eq!(expect_event(&mut cb), (GroupOp::Add, a, vec![c]));
+    assert_eq!(expect_event(&mut cc), (GroupOp::Add, a, vec![c]));
+    group(&mut ca, 6, g, GroupOp::Add, &[d, 15, 16]);
+    expect_err(&mut ca, ErrorCode::GroupFull, 6);
+    // LIST: members only, with roles.
+    group(&mut cc, 7, g, GroupOp::List, &[]);
+    assert_eq!(
+        expect_ok(&mut cc, 7),
+        vec![
+            (UserId(a), GroupRole::Admin),
+            (UserId(b), GroupRole::Member),
+            (UserId(c), GroupRole::Member)
+        ]
+    );
+    let mut cd = login(addr, d, 1);
+    group(&mut cd, 8, g, GroupOp::List, &[]);
+    expect_err(&mut cd, ErrorCode::GroupForbidden, 8);
+    group_send(&mut cd, 9, g, b"let me in");
+    expect_err(&mut cd, ErrorCode::GroupForbidden, 9);
+    // Remove B: B hears it and gets no more messages.
+    group(&mut ca, 10, g, GroupOp::Remove, &[b]);
+    expect_ok(&mut ca, 10);
+    assert_eq!(expect_event(&mut cb), (GroupOp::Remove, a, vec![b]));
+    assert_eq!(expect_event(&mut cc), (GroupOp::Remove, a, vec![b]));
+    group_send(&mut cc, 11, g, b"without b");
+    expect_ack(&mut cc, 11);
+    match next_non_event(&mut ca) {
+        ServerFrame::GroupDeliver { body, .. } => assert_eq!(body.as_ref(), b"without b"),
+        other => panic!("expected GROUP_DELIVER, got {other:?}"),
+    }
+    cb.send(&ClientFrame::Ping { nonce: 2 }).unwrap();
+    assert_eq!(cb.recv_frame().unwrap(), ServerFrame::Pong { nonce: 2 });
+    // The only admin leaves: the remaining member becomes admin.
+    group(&mut ca, 12, g, GroupOp::Leave, &[]);
+    expect_ok(&mut ca, 12);
+    assert_eq!(expect_event(&mut cc), (GroupOp::Leave, a, vec![a]));
+    group(&mut cc, 13, g, GroupOp::List, &[]);
+    assert_eq!(expect_ok(&mut cc, 13), vec![(UserId(c), GroupRole::Admin)]);
+    // Unknown groups.
+    group(&mut cc, 14, 999, GroupOp::Add, &[a]);
+    expect_err(&mut cc, ErrorCode::GroupUnknown, 14);
+    group_send(&mut cc, 15, 999, b"x");
+    expect_err(&mut cc, ErrorCode::GroupUnknown, 15);
+    node.shutdown().unwrap();
+}
+
+#[test]
+fn events_and_messages_arrive_in_the_order_they_were_made() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = start(config(dir.path()));
+    let addr = node.local_addr;
+    let (a, x, y) = (
+        user_on_shard(10, 0, 2),
+        user_on_shard(10, 1, 2),
+        user_on_shard(20, 1, 2),
+    );
+    let g = 4242;
+    let mut ca = login(addr, a, 1);
+    let mut cx = login(addr, x, 1);
+    let mut cy = login(addr, y, 1);
+    group(&mut ca, 1, g, GroupOp::Create, &[y]);
+    expect_ok(&mut ca, 1);
+    assert_eq!(expect_event(&mut cy).0, GroupOp::Create);
+    // Pipelined: add X, message 1, remove Y, message 2.
+    group(&mut ca, 2, g, GroupOp::Add, &[x]);
+    group_send(&mut ca, 3, g, b"one");
+    group(&mut ca, 4, g, GroupOp::Remove, &[y]);
+    group_send(&mut ca, 5, g, b"two");
+    assert_eq!(expect_event(&mut cx), (GroupOp::Add, a, vec![x]));
+    assert_eq!(expect_group_message(&mut cx).2, b"one");
+    assert_eq!(expect_event(&mut cx), (GroupOp::Remove, a, vec![y]));
+    assert_eq!(expect_group_message(&mut cx).2, b"two");
+    // Y: the add, message one, its removal, and not message two.
+    assert_eq!(expect_event(&mut cy), (GroupOp::Add, a, vec![x]));
+    assert_eq!(expect_group_message(&mut cy).2, b"one");
+    assert_eq!(expect_event(&mut cy), (GroupOp::Remove, a, vec![y]));
+    cy.send(&ClientFrame::Ping { nonce: 3 }).unwrap();
+    assert_eq!(cy.recv_frame().unwrap(), ServerFrame::Pong { nonce: 3 });
+    node.shutdown().unwrap();
+}
+
+#[test]
+fn membership_survives_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path());
+    let node = start(cfg.clone());
+    let mut ca = login(node.local_addr, 1, 1);
+    group(&mut ca, 1, 31, GroupOp::Create, &[2, 3]);
+    expect_ok(&mut ca, 1);
+    group(&mut ca, 2, 31, GroupOp::Remove, &[3]);
+    expect_ok(&mut ca, 2);
+    drop(ca);
+    node.shutdown().unwrap();
+    let node = start(cfg);
+    let mut cb = login(node.local_addr, 2, 1);
+    // B's queue still holds the two events; the list is as it was.
+    assert_eq!(expect_event(&mut cb).0, GroupOp::Create);
+    assert_eq!(expect_event(&mut cb).0, GroupOp::Remove);
+    group(&mut cb, 3, 31, GroupOp::List, &[]);
+    assert_eq!(
+        expect_ok(&mut cb, 3),
+        vec![
+            (UserId(1), GroupRole::Admin),
+            (UserId(2), GroupRole::Member)
+        ]
+    );
+    group_send(&mut cb, 4, 31, b"after restart");
+    expect_ack(&mut cb, 4);
+    // A (the actor) may or may not have ACKed its own events before the restart.
+    let mut ca = login(node.local_addr, 1, 1);
+    match next_non_event(&mut ca) {
+        ServerFrame::GroupDeliver { body, .. } => assert_eq!(body.as_ref(), b"after restart"),
+        other => panic!("expected GROUP_DELIVER, got {other:?}"),
+    }
+    node.shutdown().unwrap();
+}
+
+#[test]
+fn bad_group_input_gets_named_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = start(config(dir.path()));
+    let addr = node.local_addr;
+    let mut bystander = login(addr, 50, 1);
+    let mut c = login(addr, 1, 1);
+    group(&mut c, 1, 0, GroupOp::Create, &[2]);
+    expect_err(&mut c, ErrorCode::GroupUnknown, 1);
+    group(&mut c, 2, 5, GroupOp::Create, &[0]);
+    expect_err(&mut c, ErrorCode::BadRecipient, 2);
+    // An unknown operation: fatal MALFORMED_FRAME naming it.
+    let mut raw = bytes::BytesMut::new();
+    ClientFrame::Group {
+        request_id: 3,
+        group: 5,
+        op: GroupOp::List,
+        users: vec![],
+    }
+    .encode(&mut raw);
+    raw[4 + 1 + 16] = 9; // the op byte
+    c.send_raw(&raw).unwrap();
+    let msg = expect_error_with(&mut c, ErrorCode::MalformedFrame, true, 0);
+    assert!(msg.contains("unknown group operation"), "{msg}");
+    // A user list longer than any group: fatal MALFORMED_FRAME.
+    let mut c = login(addr, 2, 1);
+    let mut raw = bytes::BytesMut::new();
+    ClientFrame::Group {
+        request_id: 4,
+        group: 5,
+        op: GroupOp::Add,
+        users: (1..=1025).map(UserId).collect(),
+    }
+    .encode(&mut raw);
+    c.send_raw(&raw).unwrap();
+    let msg = expect_error_with(&mut c, ErrorCode::MalformedFrame, true, 0);
+    assert!(msg.contains("too many users"), "{msg}");
+    // The bystander is fine.
+    bystander.send(&ClientFrame::Ping { nonce: 9 }).unwrap();
+    assert_eq!(
+        bystander.recv_frame().unwrap(),
+        ServerFrame::Pong { nonce: 9 }
+    );
+    node.shutdown().unwrap();
+}
