@@ -361,3 +361,95 @@ fn bad_group_input_gets_named_errors() {
     );
     node.shutdown().unwrap();
 }
+
+#[test]
+fn kill_9_during_group_sends_loses_no_acknowledged_member_delivery() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = node_config(dir.path(), "[limits]\nsend_rate_per_s = 0\n");
+    let log = dir.path().join("node.log");
+    let (mut node, addr, _) = spawn_node(&cfg, &log);
+    let (sender, g) = (user_on_shard(100, 0, 2), 9_001);
+    let members: Vec<u64> = vec![
+        user_on_shard(200, 0, 2),
+        user_on_shard(200, 1, 2),
+        user_on_shard(300, 1, 2),
+        user_on_shard(400, 0, 2),
+    ];
+    let mut cs = login(addr, sender, 1);
+    group(&mut cs, 1, g, GroupOp::Create, &members);
+    expect_ok(&mut cs, 1);
+    // A writer thread streams GROUP_SENDs; this thread reads acks and kills the node after 300.
+    let mut writer = cs.stream().try_clone().unwrap();
+    let streaming = std::thread::spawn(move || {
+        use std::io::Write;
+        let mut seq = 10u64;
+        let mut buf = bytes::BytesMut::new();
+        loop {
+            buf.clear();
+            for _ in 0..32 {
+                ClientFrame::GroupSend {
+                    client_msg_id: seq,
+                    group: g,
+                    body: seq.to_be_bytes().to_vec().into(),
+                }
+                .encode(&mut buf);
+                seq += 1;
+            }
+            if writer.write_all(&buf).is_err() {
+                return;
+            }
+        }
+    });
+    let mut acked = Vec::new();
+    loop {
+        match cs.recv_frame() {
+            Ok(ServerFrame::SendAck { client_msg_id, .. }) => {
+                acked.push(client_msg_id);
+                if acked.len() == 300 {
+                    node.kill().unwrap(); // SIGKILL while group sends stream in
+                    node.wait().unwrap();
+                }
+            }
+            Ok(ServerFrame::GroupEvent { .. }) => {}
+            Ok(other) => panic!("unexpected {other:?}"),
+            Err(_) => break, // the node is gone
+        }
+    }
+    streaming.join().unwrap();
+    assert!(acked.len() >= 300, "{} acked", acked.len());
+    eprintln!(
+        "group crash: {} acknowledged before SIGKILL (last {:?})",
+        acked.len(),
+        acked.last()
+    );
+    // Restart on the same data: every member has every acknowledged message, in order.
+    let (_node, addr, _) = spawn_node(&cfg, &log);
+    let last = *acked.iter().max().unwrap();
+    for m in members {
+        let mut c = login(addr, m, 1);
+        let mut seen = Vec::new();
+        while seen.last().is_none_or(|s| *s < last) {
+            match next_non_event(&mut c) {
+                ServerFrame::GroupDeliver {
+                    server_msg_id,
+                    body,
+                    ..
+                } => {
+                    c.ack(&[server_msg_id]).unwrap();
+                    seen.push(u64::from_be_bytes(body.as_ref().try_into().unwrap()));
+                }
+                other => panic!("member {m}: unexpected {other:?}"),
+            }
+        }
+        assert!(
+            seen.windows(2).all(|w| w[0] < w[1]),
+            "member {m}: out of order"
+        );
+        for a in &acked {
+            assert!(
+                seen.binary_search(a).is_ok(),
+                "member {m} lost acknowledged message {a}"
+            );
+        }
+    }
+}
