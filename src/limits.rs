@@ -146,3 +146,6 @@ pub const GROUP_MEMBERS_MAX_DEFAULT: usize = 1024;
 pub const GROUP_MEMBERS_MAX_CEILING: usize = ACK_IDS_MAX;
 
 const _: () = assert!(GROUP_MEMBERS_MAX_DEFAULT <= GROUP_MEMBERS_MAX_CEILING);
+/// Delivered/read tallies of group messages one shard keeps; past it the oldest is forgotten
+/// (its later receipts are not aggregated).
+pub const GROUP_TALLIES_MAX: usize = 65_536;

@@ -91,6 +91,13 @@ pub enum Command {
         /// Users named.
         users: Vec<UserId>,
     },
+    /// Group messages were read.
+    GroupRead {
+        /// The group.
+        group: u64,
+        /// The messages' group ids.
+        ids: Vec<ServerMsgId>,
+    },
     /// A message to a group.
     GroupSend {
         /// Echoed in the answer.
@@ -332,6 +339,9 @@ impl Handshake {
                     op,
                     users,
                 }),
+                ClientFrame::GroupRead { group, ids } => {
+                    Step::Command(Command::GroupRead { group, ids })
+                }
                 ClientFrame::GroupSend {
                     client_msg_id,
                     group,
@@ -366,6 +376,7 @@ fn frame_name(f: &ClientFrame) -> &'static str {
         ClientFrame::Unblock { .. } => "UNBLOCK",
         ClientFrame::Group { .. } => "GROUP",
         ClientFrame::GroupSend { .. } => "GROUP_SEND",
+        ClientFrame::GroupRead { .. } => "GROUP_READ",
     }
 }
 
@@ -376,6 +387,8 @@ pub struct InFlight {
     pub id: ServerMsgId,
     /// For messages: the sender, who gets a delivered receipt on ACK. `None` for receipts.
     pub receipt_to: Option<UserId>,
+    /// For group messages: the group and the message's group id, whose tally the ACK feeds.
+    pub group: Option<(u64, ServerMsgId)>,
 }
 
 /// Per-device delivery state: which queue items are out and unacknowledged, how far the
@@ -630,10 +643,12 @@ mod tests {
         w.delivered(InFlight {
             id: ServerMsgId(5),
             receipt_to: Some(UserId(1)),
+            group: None,
         });
         w.delivered(InFlight {
             id: ServerMsgId(9),
             receipt_to: None,
+            group: None,
         });
         assert_eq!(w.room(2), 0);
         assert_eq!(w.cursor(), Some(ServerMsgId(9)));
@@ -649,10 +664,12 @@ mod tests {
         w.delivered(InFlight {
             id: ServerMsgId(5),
             receipt_to: None,
+            group: None,
         });
         w.delivered(InFlight {
             id: ServerMsgId(4),
             receipt_to: None,
+            group: None,
         });
     }
 }

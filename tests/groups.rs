@@ -28,6 +28,7 @@ fn expect_ok(c: &mut Client, request_id: u64) -> Vec<(UserId, GroupRole)> {
                 ..
             } if r == request_id => return members,
             ServerFrame::GroupEvent { server_msg_id, .. } => c.ack(&[server_msg_id]).unwrap(),
+            ServerFrame::GroupReceipt { receipt_id, .. } => c.ack(&[receipt_id]).unwrap(),
             ServerFrame::Presence { .. } => {}
             other => panic!("expected GROUP_OK {request_id}, got {other:?}"),
         }
@@ -45,8 +46,18 @@ fn next_non_event(c: &mut Client) -> ServerFrame {
     }
 }
 
+/// The next frame that is neither a GROUP_EVENT nor a GROUP_RECEIPT (both ACKed on the way).
+fn next_answer(c: &mut Client) -> ServerFrame {
+    loop {
+        match next_non_event(c) {
+            ServerFrame::GroupReceipt { receipt_id, .. } => c.ack(&[receipt_id]).unwrap(),
+            other => return other,
+        }
+    }
+}
+
 fn expect_err(c: &mut Client, code: ErrorCode, ref_id: u64) -> String {
-    match next_non_event(c) {
+    match next_answer(c) {
         ServerFrame::Error {
             code: got,
             fatal,
@@ -65,7 +76,7 @@ fn expect_err(c: &mut Client, code: ErrorCode, ref_id: u64) -> String {
 }
 
 fn expect_ack(c: &mut Client, client_msg_id: u64) {
-    match next_non_event(c) {
+    match next_answer(c) {
         ServerFrame::SendAck {
             client_msg_id: got, ..
         } => assert_eq!(got, client_msg_id),
@@ -140,7 +151,7 @@ fn a_group_message_reaches_every_member_across_shards_before_its_ack() {
         assert_eq!((op, actor, users), (GroupOp::Create, a, all));
     }
     group_send(&mut ca, 10, g, b"hello group");
-    match next_non_event(&mut ca) {
+    match next_answer(&mut ca) {
         ServerFrame::SendAck {
             client_msg_id: 10,
             server_msg_id,
@@ -153,7 +164,7 @@ fn a_group_message_reaches_every_member_across_shards_before_its_ack() {
     }
     // The sender's own connection gets no copy of its message.
     ca.send(&ClientFrame::Ping { nonce: 1 }).unwrap();
-    assert_eq!(next_non_event(&mut ca), ServerFrame::Pong { nonce: 1 });
+    assert_eq!(next_answer(&mut ca), ServerFrame::Pong { nonce: 1 });
 
     // A large group with offline members: acknowledged once stored for all of them; a member
     // who logs in later finds it in its queue.
@@ -225,7 +236,7 @@ fn only_admins_change_membership_and_every_change_is_an_event() {
     assert_eq!(expect_event(&mut cc), (GroupOp::Remove, a, vec![b]));
     group_send(&mut cc, 11, g, b"without b");
     expect_ack(&mut cc, 11);
-    match next_non_event(&mut ca) {
+    match next_answer(&mut ca) {
         ServerFrame::GroupDeliver { body, .. } => assert_eq!(body.as_ref(), b"without b"),
         other => panic!("expected GROUP_DELIVER, got {other:?}"),
     }
@@ -309,7 +320,7 @@ fn membership_survives_a_restart() {
     expect_ack(&mut cb, 4);
     // A (the actor) may or may not have ACKed its own events before the restart.
     let mut ca = login(node.local_addr, 1, 1);
-    match next_non_event(&mut ca) {
+    match next_answer(&mut ca) {
         ServerFrame::GroupDeliver { body, .. } => assert_eq!(body.as_ref(), b"after restart"),
         other => panic!("expected GROUP_DELIVER, got {other:?}"),
     }
@@ -452,4 +463,77 @@ fn kill_9_during_group_sends_loses_no_acknowledged_member_delivery() {
             );
         }
     }
+}
+
+/// The next GROUP_RECEIPT (ACKed), skipping events: (delivered, read, members).
+fn expect_group_receipt(c: &mut Client, msg: ServerMsgId) -> (u16, u16, u16) {
+    match next_non_event(c) {
+        ServerFrame::GroupReceipt {
+            receipt_id,
+            group_msg_id,
+            members,
+            delivered,
+            read,
+            ..
+        } => {
+            assert_eq!(group_msg_id, msg);
+            c.ack(&[receipt_id]).unwrap();
+            (delivered, read, members)
+        }
+        other => panic!("expected GROUP_RECEIPT, got {other:?}"),
+    }
+}
+
+#[test]
+fn senders_get_aggregated_receipts_not_one_per_member() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = start(config(dir.path()));
+    let addr = node.local_addr;
+    let (a, g) = (user_on_shard(100, 0, 2), 606);
+    let members: Vec<u64> = (1..=6)
+        .map(|i| user_on_shard(1000 * i, (i % 2) as u16, 2))
+        .collect();
+    let mut ca = login(addr, a, 1);
+    group(&mut ca, 1, g, GroupOp::Create, &members);
+    expect_ok(&mut ca, 1);
+    group_send(&mut ca, 2, g, b"count me");
+    let msg = match next_non_event(&mut ca) {
+        ServerFrame::SendAck { server_msg_id, .. } => server_msg_id,
+        other => panic!("expected SEND_ACK, got {other:?}"),
+    };
+    // Each member receives, ACKs (delivered), then marks it read with its group id.
+    let mut clients: Vec<Client> = members.iter().map(|m| login(addr, *m, 1)).collect();
+    for (i, c) in clients.iter_mut().enumerate() {
+        let gmid = match next_non_event(c) {
+            ServerFrame::GroupDeliver {
+                server_msg_id,
+                group_msg_id,
+                ..
+            } => {
+                c.ack(&[server_msg_id]).unwrap();
+                group_msg_id
+            }
+            other => panic!("expected GROUP_DELIVER, got {other:?}"),
+        };
+        assert_eq!(gmid, msg, "members see the sender's id");
+        if i == 0 {
+            // The first delivery is reported at once.
+            assert_eq!(expect_group_receipt(&mut ca, msg), (1, 0, 6));
+        }
+    }
+    // All six delivered: one more receipt, not five.
+    assert_eq!(expect_group_receipt(&mut ca, msg), (6, 0, 6));
+    for c in &mut clients {
+        c.send(&ClientFrame::GroupRead {
+            group: g,
+            ids: vec![msg],
+        })
+        .unwrap();
+    }
+    assert_eq!(expect_group_receipt(&mut ca, msg).1, 1);
+    assert_eq!(expect_group_receipt(&mut ca, msg), (6, 6, 6));
+    // And nothing else: four receipts for six members.
+    ca.send(&ClientFrame::Ping { nonce: 5 }).unwrap();
+    assert_eq!(next_non_event(&mut ca), ServerFrame::Pong { nonce: 5 });
+    node.shutdown().unwrap();
 }

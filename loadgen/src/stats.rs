@@ -105,6 +105,9 @@ pub struct Counters {
     /// Groups: GROUP_DELIVERs received.
     #[serde(default)]
     pub group_delivered: u64,
+    /// Groups: aggregated GROUP_RECEIPTs received by senders.
+    #[serde(default)]
+    pub group_receipts: u64,
     /// TLS handshakes completed in full.
     #[serde(default)]
     pub tls_full: u64,
@@ -135,6 +138,7 @@ impl Counters {
         self.presence += o.presence;
         self.group_expected += o.group_expected;
         self.group_delivered += o.group_delivered;
+        self.group_receipts += o.group_receipts;
         self.tls_resumed += o.tls_resumed;
         self.reconnects += o.reconnects;
         for (k, v) in &o.errors {

@@ -623,6 +623,10 @@ impl Exec {
                 self.sh.groups_ready.fetch_add(1, Ordering::Relaxed);
             }
             ServerFrame::GroupEvent { server_msg_id, .. } => acks.push(server_msg_id),
+            ServerFrame::GroupReceipt { receipt_id, .. } => {
+                acks.push(receipt_id);
+                k.group_receipts += 1;
+            }
             ServerFrame::GroupDeliver {
                 server_msg_id,
                 body,

@@ -39,6 +39,8 @@ pub mod frame_type {
     pub const GROUP: u8 = 0x0D;
     /// Client: send a message to a group.
     pub const GROUP_SEND: u8 = 0x0E;
+    /// Client: mark group messages as read.
+    pub const GROUP_READ: u8 = 0x0F;
     /// Server: handshake accepted.
     pub const HELLO_OK: u8 = 0x81;
     /// Server: login accepted.
@@ -65,6 +67,8 @@ pub mod frame_type {
     pub const GROUP_DELIVER: u8 = 0x8C;
     /// Server: a membership change in a group this user is (or was) in.
     pub const GROUP_EVENT: u8 = 0x8D;
+    /// Server: how many members have received and read a group message this user sent.
+    pub const GROUP_RECEIPT: u8 = 0x8E;
 }
 
 /// What a GROUP frame asks, and what a GROUP_EVENT reports.
@@ -259,6 +263,13 @@ pub enum ClientFrame {
         /// Opaque body.
         body: Bytes,
     },
+    /// `group:u64 count:u16 group_msg_ids[count]:u64`
+    GroupRead {
+        /// The group.
+        group: u64,
+        /// The messages' group ids (`group_msg_id` of GROUP_DELIVER), 1..=1024.
+        ids: Vec<ServerMsgId>,
+    },
 }
 
 /// Frames the server sends.
@@ -355,12 +366,15 @@ pub enum ServerFrame {
         /// LIST: every member with its role; empty otherwise.
         members: Vec<(UserId, GroupRole)>,
     },
-    /// `server_msg_id:u64 group:u64 sender:u64 sender_device:u32 server_ts_ms:u64 body[..]`
+    /// `server_msg_id:u64 group:u64 group_msg_id:u64 sender:u64 sender_device:u32
+    /// server_ts_ms:u64 body[..]`
     GroupDeliver {
-        /// Id to ACK.
+        /// Id to ACK (this member's queue id).
         server_msg_id: ServerMsgId,
         /// The group.
         group: u64,
+        /// The message's id in the group (the sender's SEND_ACK id; GROUP_READ names it).
+        group_msg_id: ServerMsgId,
         /// Who sent it.
         sender: UserId,
         /// From which device.
@@ -384,6 +398,23 @@ pub enum ServerFrame {
         actor: UserId,
         /// Who it concerns (every member for create).
         users: Vec<UserId>,
+    },
+    /// `receipt_id:u64 group:u64 group_msg_id:u64 members:u16 delivered:u16 read:u16 ts_ms:u64`
+    GroupReceipt {
+        /// Id to ACK.
+        receipt_id: ServerMsgId,
+        /// The group.
+        group: u64,
+        /// The message (its SEND_ACK id).
+        group_msg_id: ServerMsgId,
+        /// Members it was sent to.
+        members: u16,
+        /// Members whose device acknowledged it.
+        delivered: u16,
+        /// Members who marked it read.
+        read: u16,
+        /// When the latest of those happened.
+        ts_ms: u64,
     },
     /// `code:u16 fatal:u8 ref_id:u64 message[..]` (UTF-8)
     Error {
@@ -661,6 +692,14 @@ impl ClientFrame {
                     body: Bytes::copy_from_slice(f.rest()),
                 }
             }
+            t::GROUP_READ => {
+                let mut f = Fields::new(payload, "GROUP_READ");
+                let group = f.u64()?;
+                ClientFrame::GroupRead {
+                    group,
+                    ids: f.ids()?,
+                }
+            }
             t::BLOCK | t::UNBLOCK => {
                 let name = if frame_type == t::BLOCK {
                     "BLOCK"
@@ -781,6 +820,12 @@ impl ClientFrame {
                 out.put_u64(*group);
                 out.put_slice(body);
             }
+            ClientFrame::GroupRead { group, ids } => {
+                out.put_u8(t::GROUP_READ);
+                out.put_u64(*group);
+                out.put_u16(ids.len() as u16);
+                ids.iter().for_each(|id| out.put_u64(id.0));
+            }
         }
         end_frame(out, start);
     }
@@ -815,7 +860,7 @@ pub fn deliver_header(
 }
 
 /// Bytes of the GROUP_DELIVER header before the body.
-pub const GROUP_DELIVER_HEADER_BYTES: usize = FRAME_HEADER_BYTES + 1 + 8 + 8 + 8 + 4 + 8;
+pub const GROUP_DELIVER_HEADER_BYTES: usize = FRAME_HEADER_BYTES + 1 + 8 + 8 + 8 + 8 + 4 + 8;
 
 /// Largest GROUP_SEND body that still fits a GROUP_DELIVER frame of at most `frame_bytes_max`.
 pub fn group_body_bytes_max(frame_bytes_max: usize) -> usize {
@@ -827,6 +872,7 @@ pub fn group_body_bytes_max(frame_bytes_max: usize) -> usize {
 pub fn group_deliver_header(
     server_msg_id: ServerMsgId,
     group: u64,
+    group_msg_id: ServerMsgId,
     sender: UserId,
     sender_device: DeviceId,
     server_ts_ms: u64,
@@ -838,9 +884,10 @@ pub fn group_deliver_header(
     h[4] = frame_type::GROUP_DELIVER;
     h[5..13].copy_from_slice(&server_msg_id.0.to_be_bytes());
     h[13..21].copy_from_slice(&group.to_be_bytes());
-    h[21..29].copy_from_slice(&sender.0.to_be_bytes());
-    h[29..33].copy_from_slice(&sender_device.0.to_be_bytes());
-    h[33..41].copy_from_slice(&server_ts_ms.to_be_bytes());
+    h[21..29].copy_from_slice(&group_msg_id.0.to_be_bytes());
+    h[29..37].copy_from_slice(&sender.0.to_be_bytes());
+    h[37..41].copy_from_slice(&sender_device.0.to_be_bytes());
+    h[41..49].copy_from_slice(&server_ts_ms.to_be_bytes());
     h
 }
 
@@ -990,11 +1037,26 @@ impl ServerFrame {
                     members,
                 }
             }
+            t::GROUP_RECEIPT => {
+                let mut f = Fields::new(payload, "GROUP_RECEIPT");
+                let frame = ServerFrame::GroupReceipt {
+                    receipt_id: ServerMsgId(f.u64()?),
+                    group: f.u64()?,
+                    group_msg_id: ServerMsgId(f.u64()?),
+                    members: f.u16()?,
+                    delivered: f.u16()?,
+                    read: f.u16()?,
+                    ts_ms: f.u64()?,
+                };
+                f.end()?;
+                frame
+            }
             t::GROUP_DELIVER => {
                 let mut f = Fields::new(payload, "GROUP_DELIVER");
                 ServerFrame::GroupDeliver {
                     server_msg_id: ServerMsgId(f.u64()?),
                     group: f.u64()?,
+                    group_msg_id: ServerMsgId(f.u64()?),
                     sender: UserId(f.u64()?),
                     sender_device: DeviceId(f.u32()?),
                     server_ts_ms: f.u64()?,
@@ -1140,9 +1202,28 @@ impl ServerFrame {
                     out.put_u8(*r as u8);
                 }
             }
+            ServerFrame::GroupReceipt {
+                receipt_id,
+                group,
+                group_msg_id,
+                members,
+                delivered,
+                read,
+                ts_ms,
+            } => {
+                out.put_u8(t::GROUP_RECEIPT);
+                out.put_u64(receipt_id.0);
+                out.put_u64(*group);
+                out.put_u64(group_msg_id.0);
+                out.put_u16(*members);
+                out.put_u16(*delivered);
+                out.put_u16(*read);
+                out.put_u64(*ts_ms);
+            }
             ServerFrame::GroupDeliver {
                 server_msg_id,
                 group,
+                group_msg_id,
                 sender,
                 sender_device,
                 server_ts_ms,
@@ -1151,6 +1232,7 @@ impl ServerFrame {
                 out.put_u8(t::GROUP_DELIVER);
                 out.put_u64(server_msg_id.0);
                 out.put_u64(*group);
+                out.put_u64(group_msg_id.0);
                 out.put_u64(sender.0);
                 out.put_u32(sender_device.0);
                 out.put_u64(*server_ts_ms);
@@ -1391,6 +1473,11 @@ mod tests {
                     group: g,
                     body: b.into()
                 }),
+            (
+                any::<u64>(),
+                proptest::collection::vec(any::<u64>().prop_map(ServerMsgId), 1..100)
+            )
+                .prop_map(|(group, ids)| ClientFrame::GroupRead { group, ids }),
         ]
     }
 
@@ -1411,7 +1498,8 @@ mod tests {
                 ServerFrame::Presence { user: UserId(n), online: id % 2 == 0, last_seen_ms: id },
                 ServerFrame::Typing { from: UserId(id), state: TypingState::Composing },
                 ServerFrame::GroupOk { request_id: n, group: id, members: vec![(UserId(n), GroupRole::Admin), (UserId(id), GroupRole::Member)] },
-                ServerFrame::GroupDeliver { server_msg_id: ServerMsgId(id), group: n, sender: UserId(n), sender_device: DeviceId(3), server_ts_ms: id, body: Bytes::from(text.clone().into_bytes()) },
+                ServerFrame::GroupDeliver { server_msg_id: ServerMsgId(id), group: n, group_msg_id: ServerMsgId(n ^ 5), sender: UserId(n), sender_device: DeviceId(3), server_ts_ms: id, body: Bytes::from(text.clone().into_bytes()) },
+                ServerFrame::GroupReceipt { receipt_id: ServerMsgId(id), group: n, group_msg_id: ServerMsgId(n), members: 255, delivered: id as u16, read: n as u16, ts_ms: id },
                 ServerFrame::GroupEvent { server_msg_id: ServerMsgId(n), group: id, ts_ms: n, op: GroupOp::Remove, actor: UserId(id), users: vec![UserId(n), UserId(1)] },
             ];
             for f in frames {

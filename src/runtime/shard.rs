@@ -191,6 +191,16 @@ pub enum Envelope {
         /// Members owned by the destination shard.
         recipients: Vec<UserId>,
     },
+    /// Members received (`read` false: their device acknowledged) or read these group
+    /// messages: to the group's shard, which keeps the tallies.
+    GroupTally {
+        /// The group.
+        group: u64,
+        /// The messages' group ids.
+        msg_ids: Vec<ServerMsgId>,
+        /// Read (else delivered).
+        read: bool,
+    },
     /// A member shard has committed its part of a fan-out.
     FanoutDone {
         /// The fan-out.
@@ -279,6 +289,12 @@ enum Completion {
     },
     /// One member's append of a group message: the part of a fan-out this shard owes.
     Fanout(Rc<groups::FanoutPart>),
+    /// After the delete of an acknowledged group message commits: count it in the message's
+    /// tally on the group's shard.
+    GroupDelivered {
+        group: u64,
+        msg_id: ServerMsgId,
+    },
     /// A group's new member list: answer GROUP_OK once it commits.
     GroupOk {
         to: ConnRef,
@@ -445,6 +461,10 @@ pub struct Shard {
     /// Group messages waiting for their member shards' commits, by fan-out id.
     fanouts: RefCell<HashMap<u64, groups::FanoutWait>>,
     next_fanout: Cell<u64>,
+    /// Delivered/read tallies of recent group messages sent through this shard's groups.
+    tallies: RefCell<HashMap<(u64, ServerMsgId), groups::Tally>>,
+    /// Tally keys in creation order, for the bound.
+    tally_order: RefCell<std::collections::VecDeque<(u64, ServerMsgId)>>,
     /// Counters.
     pub stats: ShardStats,
     /// Group commit latency, µs.
@@ -550,6 +570,8 @@ impl Shard {
             groups: RefCell::new(HashMap::new()),
             fanouts: RefCell::new(HashMap::new()),
             next_fanout: Cell::new(0),
+            tallies: RefCell::new(HashMap::new()),
+            tally_order: RefCell::new(std::collections::VecDeque::new()),
             blockers: RefCell::new(seed.blockers),
             stats: ShardStats::default(),
             commit_us: RefCell::new(hist()),
@@ -1149,14 +1171,17 @@ impl Shard {
                         Some(f) => {
                             // The delivered receipt goes out only once the delete commits and
                             // really removed the message (see `complete`).
-                            let completion = match f.receipt_to {
-                                Some(to) => Completion::Receipt {
+                            let completion = match (f.group, f.receipt_to) {
+                                (Some((group, msg_id)), _) => {
+                                    Completion::GroupDelivered { group, msg_id }
+                                }
+                                (None, Some(to)) => Completion::Receipt {
                                     to,
                                     from: user,
                                     msg_id: id,
                                     ts_ms: now_ms,
                                 },
-                                None => Completion::None,
+                                (None, None) => Completion::None,
                             };
                             self.enqueue_op(Op::Delete { user, id }, completion);
                         }
@@ -1221,6 +1246,7 @@ impl Shard {
                     users,
                 },
             ),
+            Command::GroupRead { group, ids } => self.group_read(conn, group, ids),
             Command::GroupSend {
                 client_msg_id,
                 group,
@@ -1345,6 +1371,7 @@ impl Shard {
             env @ (Envelope::Group { .. }
             | Envelope::Reply { .. }
             | Envelope::GroupFanout { .. }
+            | Envelope::GroupTally { .. }
             | Envelope::FanoutDone { .. }) => self.handle_group_envelope(env),
             other => self.handle_presence_envelope(other),
         }
@@ -1454,6 +1481,7 @@ impl Shard {
                 crate::proto::GROUP_DELIVER_HEADER_BYTES + body.len()
             }
             Item::GroupEvent { users, .. } => 40 + 8 * users.len(),
+            Item::GroupReceipt { .. } => 64,
             Item::Receipt { .. } => 64,
         };
         conn.out_bytes() + len <= self.cfg.outbound_bytes_max / 2
@@ -1496,10 +1524,35 @@ impl Shard {
                 conn.delivered(InFlight {
                     id,
                     receipt_to: Some(*sender),
+                    group: None,
+                });
+            }
+            Item::GroupReceipt {
+                group,
+                msg_id,
+                members,
+                delivered,
+                read,
+                ts_ms,
+            } => {
+                conn.push_frame(&ServerFrame::GroupReceipt {
+                    receipt_id: id,
+                    group: *group,
+                    group_msg_id: *msg_id,
+                    members: *members,
+                    delivered: *delivered,
+                    read: *read,
+                    ts_ms: *ts_ms,
+                });
+                conn.delivered(InFlight {
+                    id,
+                    receipt_to: None,
+                    group: None,
                 });
             }
             Item::GroupMessage {
                 group,
+                msg_id,
                 sender,
                 sender_device,
                 ts_ms,
@@ -1509,6 +1562,7 @@ impl Shard {
                 let header = crate::proto::group_deliver_header(
                     id,
                     *group,
+                    *msg_id,
                     *sender,
                     *sender_device,
                     *ts_ms,
@@ -1517,7 +1571,8 @@ impl Shard {
                 conn.push_frame_parts(&header, body.clone());
                 conn.delivered(InFlight {
                     id,
-                    receipt_to: None,
+                    receipt_to: Some(*sender),
+                    group: Some((*group, *msg_id)),
                 });
             }
             Item::GroupEvent {
@@ -1538,6 +1593,7 @@ impl Shard {
                 conn.delivered(InFlight {
                     id,
                     receipt_to: None,
+                    group: None,
                 });
             }
             Item::Receipt {
@@ -1556,6 +1612,7 @@ impl Shard {
                 conn.delivered(InFlight {
                     id,
                     receipt_to: None,
+                    group: None,
                 });
             }
         }
@@ -1714,6 +1771,7 @@ impl Shard {
                             }
                             Completion::None
                             | Completion::Receipt { .. }
+                            | Completion::GroupDelivered { .. }
                             | Completion::GroupOk { .. } => {
                                 self.stats
                                     .receipts_dropped
@@ -1742,7 +1800,16 @@ impl Shard {
                             }
                         }
                         (Op::Delete { .. }, OpOutcome::Deleted(true)) => {
-                            if let Completion::Receipt {
+                            if let Completion::GroupDelivered { group, msg_id } = completion {
+                                self.route(
+                                    groups::group_shard(group, self.shards),
+                                    Envelope::GroupTally {
+                                        group,
+                                        msg_ids: vec![msg_id],
+                                        read: false,
+                                    },
+                                );
+                            } else if let Completion::Receipt {
                                 to,
                                 from,
                                 msg_id,
@@ -1808,7 +1875,9 @@ impl Shard {
                                 },
                             );
                         }
-                        Completion::None | Completion::Receipt { .. } => {}
+                        Completion::None
+                        | Completion::Receipt { .. }
+                        | Completion::GroupDelivered { .. } => {}
                     }
                 }
             }

@@ -84,6 +84,8 @@ pub enum Item {
     GroupMessage {
         /// The group.
         group: u64,
+        /// The message's id in the group (its SEND_ACK id).
+        msg_id: ServerMsgId,
         /// Sender.
         sender: UserId,
         /// Sender's device.
@@ -106,6 +108,21 @@ pub enum Item {
         /// Whom it concerns.
         users: Vec<UserId>,
     },
+    /// Tallies of a group message this user sent: how many members received and read it.
+    GroupReceipt {
+        /// The group.
+        group: u64,
+        /// The message (its SEND_ACK id).
+        msg_id: ServerMsgId,
+        /// Members it was sent to.
+        members: u16,
+        /// Members whose device acknowledged it.
+        delivered: u16,
+        /// Members who marked it read.
+        read: u16,
+        /// When.
+        ts_ms: u64,
+    },
     /// A receipt for a message this user sent.
     Receipt {
         /// Delivered or read.
@@ -123,6 +140,7 @@ const ITEM_MESSAGE: u8 = 1;
 const ITEM_RECEIPT: u8 = 2;
 const ITEM_GROUP_MESSAGE: u8 = 3;
 const ITEM_GROUP_EVENT: u8 = 4;
+const ITEM_GROUP_RECEIPT: u8 = 5;
 
 impl Item {
     /// Encodes for storage.
@@ -144,18 +162,38 @@ impl Item {
             }
             Item::GroupMessage {
                 group,
+                msg_id,
                 sender,
                 sender_device,
                 ts_ms,
                 body,
             } => {
-                let mut v = Vec::with_capacity(29 + body.len());
+                let mut v = Vec::with_capacity(37 + body.len());
                 v.push(ITEM_GROUP_MESSAGE);
                 v.extend_from_slice(&group.to_be_bytes());
+                v.extend_from_slice(&msg_id.0.to_be_bytes());
                 v.extend_from_slice(&sender.0.to_be_bytes());
                 v.extend_from_slice(&sender_device.0.to_be_bytes());
                 v.extend_from_slice(&ts_ms.to_be_bytes());
                 v.extend_from_slice(body);
+                v
+            }
+            Item::GroupReceipt {
+                group,
+                msg_id,
+                members,
+                delivered,
+                read,
+                ts_ms,
+            } => {
+                let mut v = Vec::with_capacity(31);
+                v.push(ITEM_GROUP_RECEIPT);
+                v.extend_from_slice(&group.to_be_bytes());
+                v.extend_from_slice(&msg_id.0.to_be_bytes());
+                v.extend_from_slice(&members.to_be_bytes());
+                v.extend_from_slice(&delivered.to_be_bytes());
+                v.extend_from_slice(&read.to_be_bytes());
+                v.extend_from_slice(&ts_ms.to_be_bytes());
                 v
             }
             Item::GroupEvent {
@@ -207,13 +245,25 @@ impl Item {
                 ts_ms: u64_at(13)?,
                 body: Bytes::copy_from_slice(&v[21..]),
             }),
-            ITEM_GROUP_MESSAGE if v.len() >= 29 => Some(Item::GroupMessage {
+            ITEM_GROUP_MESSAGE if v.len() >= 37 => Some(Item::GroupMessage {
                 group: u64_at(1)?,
-                sender: UserId(u64_at(9)?),
-                sender_device: DeviceId(u32::from_be_bytes(v[17..21].try_into().ok()?)),
-                ts_ms: u64_at(21)?,
-                body: Bytes::copy_from_slice(&v[29..]),
+                msg_id: ServerMsgId(u64_at(9)?),
+                sender: UserId(u64_at(17)?),
+                sender_device: DeviceId(u32::from_be_bytes(v[25..29].try_into().ok()?)),
+                ts_ms: u64_at(29)?,
+                body: Bytes::copy_from_slice(&v[37..]),
             }),
+            ITEM_GROUP_RECEIPT if v.len() == 31 => {
+                let u16_at = |i: usize| u16::from_be_bytes([v[i], v[i + 1]]);
+                Some(Item::GroupReceipt {
+                    group: u64_at(1)?,
+                    msg_id: ServerMsgId(u64_at(9)?),
+                    members: u16_at(17),
+                    delivered: u16_at(19),
+                    read: u16_at(21),
+                    ts_ms: u64_at(23)?,
+                })
+            }
             ITEM_GROUP_EVENT if v.len() >= 28 => {
                 let count = usize::from(u16::from_be_bytes(v[26..28].try_into().ok()?));
                 if v.len() != 28 + 8 * count {
@@ -240,7 +290,7 @@ impl Item {
     }
 
     fn is_receipt(&self) -> bool {
-        matches!(self, Item::Receipt { .. })
+        matches!(self, Item::Receipt { .. } | Item::GroupReceipt { .. })
     }
 }
 
@@ -547,7 +597,7 @@ impl Store {
                                 .map_err(|e| self.err(e))?;
                             let ck = count_key(*user);
                             let (mut msgs, mut rcpts) = self.counts(&wtxn, &ck)?;
-                            if kind == ITEM_RECEIPT {
+                            if kind == ITEM_RECEIPT || kind == ITEM_GROUP_RECEIPT {
                                 rcpts = rcpts.saturating_sub(1)
                             } else {
                                 msgs = msgs.saturating_sub(1)

@@ -69,6 +69,18 @@ pub(super) struct FanoutWait {
     failed: bool,
 }
 
+/// How many members received and read one group message, on the group's shard, and which
+/// of the aggregated receipts the sender has been sent.
+#[derive(Debug)]
+pub(super) struct Tally {
+    sender: UserId,
+    members: u16,
+    delivered: u16,
+    read: u16,
+    /// Bits: first delivered, all delivered, first read, all read.
+    reported: u8,
+}
+
 /// A member shard's part of one fan-out: its appends left to commit.
 #[derive(Debug)]
 pub(super) struct FanoutPart {
@@ -79,7 +91,7 @@ pub(super) struct FanoutPart {
 }
 
 /// The shard that owns `group`.
-fn group_shard(group: u64, shards: usize) -> ShardId {
+pub(super) fn group_shard(group: u64, shards: usize) -> ShardId {
     owner_shard(UserId(group), shards)
 }
 
@@ -215,6 +227,15 @@ impl Shard {
                     );
                 }
             }
+            Envelope::GroupTally {
+                group,
+                msg_ids,
+                read,
+            } => {
+                for msg_id in msg_ids {
+                    self.tally(group, msg_id, read);
+                }
+            }
             Envelope::FanoutDone { fanout, failed } => {
                 let done = {
                     let mut f = self.fanouts.borrow_mut();
@@ -252,6 +273,107 @@ impl Shard {
                 },
             );
         }
+    }
+
+    /// GROUP_READ on a member's connection: the tallies live on the group's shard.
+    pub(super) fn group_read(&self, conn: &Conn, group: u64, ids: Vec<ServerMsgId>) {
+        if group == 0 {
+            conn.push_frame(&ServerFrame::error(
+                ErrorCode::GroupUnknown,
+                0,
+                "group 0 is not a group",
+            ));
+            return;
+        }
+        self.route(
+            group_shard(group, self.shards),
+            Envelope::GroupTally {
+                group,
+                msg_ids: ids,
+                read: true,
+            },
+        );
+    }
+
+    /// Counts one delivery or read of a group message, and queues an aggregated receipt for
+    /// its sender at the first and at the last member of each kind: at most four receipts per
+    /// message, whatever the group's size. Tallies of unknown messages (older than the
+    /// tallies kept, or from before a restart) are ignored.
+    fn tally(&self, group: u64, msg_id: ServerMsgId, read: bool) {
+        let report = {
+            let mut tallies = self.tallies.borrow_mut();
+            let Some(t) = tallies.get_mut(&(group, msg_id)) else {
+                return;
+            };
+            let (count, first_bit, all_bit) = if read {
+                (&mut t.read, 4u8, 8u8)
+            } else {
+                (&mut t.delivered, 1u8, 2u8)
+            };
+            // A member that reads twice counts twice; the count stops at the member count.
+            *count = (*count + 1).min(t.members);
+            let count = *count;
+            let mut bit = 0;
+            if count == 1 && t.reported & first_bit == 0 {
+                bit |= first_bit;
+            }
+            if count == t.members && t.reported & all_bit == 0 {
+                bit |= all_bit;
+            }
+            if bit == 0 {
+                return;
+            }
+            t.reported |= bit;
+            let item = Item::GroupReceipt {
+                group,
+                msg_id,
+                members: t.members,
+                delivered: t.delivered,
+                read: t.read,
+                ts_ms: now_ms(),
+            };
+            let sender = t.sender;
+            if t.reported & (2 | 8) == (2 | 8) {
+                tallies.remove(&(group, msg_id));
+            }
+            (sender, item)
+        };
+        let (sender, item) = report;
+        self.route(
+            owner_shard(sender, self.shards),
+            Envelope::GroupFanout {
+                origin: self.id,
+                fanout: None,
+                item,
+                recipients: vec![sender],
+            },
+        );
+    }
+
+    /// Starts the tally of a message sent to `members` others (bounded: the oldest is
+    /// forgotten past `limits::GROUP_TALLIES_MAX`).
+    fn start_tally(&self, group: u64, msg_id: ServerMsgId, sender: UserId, members: usize) {
+        if members == 0 {
+            return;
+        }
+        let mut tallies = self.tallies.borrow_mut();
+        let mut order = self.tally_order.borrow_mut();
+        while order.len() >= crate::limits::GROUP_TALLIES_MAX {
+            if let Some(old) = order.pop_front() {
+                tallies.remove(&old);
+            }
+        }
+        order.push_back((group, msg_id));
+        tallies.insert(
+            (group, msg_id),
+            Tally {
+                sender,
+                members: members.min(u16::MAX as usize) as u16,
+                delivered: 0,
+                read: 0,
+                reported: 0,
+            },
+        );
     }
 
     fn answer_group_send(&self, w: FanoutWait) {
@@ -363,8 +485,10 @@ impl Shard {
             ts_ms,
             failed: false,
         };
+        self.start_tally(group, msg_id, user, recipients.len());
         let item = Item::GroupMessage {
             group,
+            msg_id,
             sender: user,
             sender_device: device,
             ts_ms,
