@@ -149,3 +149,7 @@ const _: () = assert!(GROUP_MEMBERS_MAX_DEFAULT <= GROUP_MEMBERS_MAX_CEILING);
 /// Delivered/read tallies of group messages one shard keeps; past it the oldest is forgotten
 /// (its later receipts are not aggregated).
 pub const GROUP_TALLIES_MAX: usize = 65_536;
+/// Group message bodies at least this large are stored once per shard (members' queue items
+/// refer to them); smaller ones are copied into each member's item, which costs less than the
+/// reference count's read and write per member.
+pub const GROUP_BODY_SHARED_MIN_BYTES: usize = 512;

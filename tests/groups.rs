@@ -398,10 +398,13 @@ fn kill_9_during_group_sends_loses_no_acknowledged_member_delivery() {
         loop {
             buf.clear();
             for _ in 0..32 {
+                // 600 bytes: stored once per shard, members' items refer to it.
+                let mut body = seq.to_be_bytes().to_vec();
+                body.resize(600, 0xab);
                 ClientFrame::GroupSend {
                     client_msg_id: seq,
                     group: g,
-                    body: seq.to_be_bytes().to_vec().into(),
+                    body: body.into(),
                 }
                 .encode(&mut buf);
                 seq += 1;
@@ -447,7 +450,8 @@ fn kill_9_during_group_sends_loses_no_acknowledged_member_delivery() {
                     ..
                 } => {
                     c.ack(&[server_msg_id]).unwrap();
-                    seen.push(u64::from_be_bytes(body.as_ref().try_into().unwrap()));
+                    assert_eq!(body.len(), 600);
+                    seen.push(u64::from_be_bytes(body[..8].try_into().unwrap()));
                 }
                 other => panic!("member {m}: unexpected {other:?}"),
             }

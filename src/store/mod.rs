@@ -12,7 +12,10 @@
 //!   `'c' | user:u64` → `messages:u32 receipts:u32` (queue counts for the per-user limit);
 //!   `'p' | user:u64` → `last_seen_ms:u64 flags:u8` (presence: when the user was last online,
 //!   bit 0 = hide last-seen); `'b' | blocker:u64 | blocked:u64` → empty (a block);
-//!   `'g' | group:u64` → `(user:u64 role:u8)*` (the members of a group this shard owns).
+//!   `'g' | group:u64` → `(user:u64 role:u8)*` (the members of a group this shard owns);
+//!   `'B' | group_msg_id:u64` → `refs:u32 body` (a group message's body of at least
+//!   `limits::GROUP_BODY_SHARED_MIN_BYTES`, stored once per shard: each member's queue item on
+//!   this shard refers to it, and the last delete removes it).
 
 use std::path::{Path, PathBuf};
 
@@ -141,6 +144,9 @@ const ITEM_RECEIPT: u8 = 2;
 const ITEM_GROUP_MESSAGE: u8 = 3;
 const ITEM_GROUP_EVENT: u8 = 4;
 const ITEM_GROUP_RECEIPT: u8 = 5;
+/// A group message whose body is stored once per shard under `body_key(msg_id)`; the queue
+/// item holds the header only (37 bytes).
+const ITEM_GROUP_MESSAGE_REF: u8 = 6;
 
 impl Item {
     /// Encodes for storage.
@@ -401,6 +407,13 @@ fn presence_key(user: UserId) -> [u8; 9] {
     k
 }
 
+fn body_key(msg_id: ServerMsgId) -> [u8; 9] {
+    let mut k = [0u8; 9];
+    k[0] = b'B';
+    k[1..].copy_from_slice(&msg_id.0.to_be_bytes());
+    k
+}
+
 fn group_key(group: u64) -> [u8; 9] {
     let mut k = [0u8; 9];
     k[0] = b'g';
@@ -570,8 +583,24 @@ impl Store {
                     if full {
                         OpOutcome::QueueFull
                     } else {
+                        let value = match item {
+                            // The body once per shard: the first member's append stores it,
+                            // every append counts a reference, the queue item is the header.
+                            // Small bodies stay inline: the reference costs a read and a
+                            // write of the body record per member, more than copying them.
+                            Item::GroupMessage { msg_id, body, .. }
+                                if body.len() >= crate::limits::GROUP_BODY_SHARED_MIN_BYTES =>
+                            {
+                                self.body_ref(&mut wtxn, *msg_id, Some(body))?;
+                                let mut v = item.encode();
+                                v.truncate(37);
+                                v[0] = ITEM_GROUP_MESSAGE_REF;
+                                v
+                            }
+                            _ => item.encode(),
+                        };
                         self.queue
-                            .put(&mut wtxn, &queue_key(*user, *id), &item.encode())
+                            .put(&mut wtxn, &queue_key(*user, *id), &value)
                             .map_err(|e| self.err(e))?;
                         if item.is_receipt() {
                             rcpts += 1
@@ -584,17 +613,27 @@ impl Store {
                 }
                 Op::Delete { user, id } => {
                     let key = queue_key(*user, *id);
-                    let kind = self
+                    let found = self
                         .queue
                         .get(&wtxn, &key)
                         .map_err(|e| self.err(e))?
-                        .and_then(|v| v.first().copied());
-                    match kind {
-                        None => OpOutcome::Deleted(false),
-                        Some(kind) => {
+                        .map(|v| (v.first().copied(), v.get(9..17).map(|b| b.to_vec())));
+                    match found {
+                        None | Some((None, _)) => OpOutcome::Deleted(false),
+                        Some((Some(kind), msg_id)) => {
                             self.queue
                                 .delete(&mut wtxn, &key)
                                 .map_err(|e| self.err(e))?;
+                            if kind == ITEM_GROUP_MESSAGE_REF {
+                                let id = msg_id
+                                    .and_then(|b| b.try_into().ok())
+                                    .map(u64::from_be_bytes)
+                                    .ok_or(StoreError::Corrupt {
+                                        path: self.path.clone(),
+                                        why: "group message reference",
+                                    })?;
+                                self.body_ref(&mut wtxn, ServerMsgId(id), None)?;
+                            }
                             let ck = count_key(*user);
                             let (mut msgs, mut rcpts) = self.counts(&wtxn, &ck)?;
                             if kind == ITEM_RECEIPT || kind == ITEM_GROUP_RECEIPT {
@@ -658,6 +697,73 @@ impl Store {
         }
         wtxn.commit().map_err(|e| self.err(e))?;
         Ok(out)
+    }
+
+    /// Counts a reference to group message `msg_id`'s body (`Some(body)`: a new member item,
+    /// storing the body on the first) or drops one (`None`: a member item deleted, removing the
+    /// body with the last).
+    fn body_ref(
+        &self,
+        txn: &mut heed::RwTxn,
+        msg_id: ServerMsgId,
+        body: Option<&Bytes>,
+    ) -> Result<(), StoreError> {
+        let key = body_key(msg_id);
+        let current = self
+            .meta
+            .get(txn, &key)
+            .map_err(|e| self.err(e))?
+            .map(|v| v.to_vec());
+        match (current, body) {
+            (None, Some(body)) => {
+                let mut v = Vec::with_capacity(4 + body.len());
+                v.extend_from_slice(&1u32.to_be_bytes());
+                v.extend_from_slice(body);
+                self.meta.put(txn, &key, &v).map_err(|e| self.err(e))
+            }
+            (Some(mut v), add) if v.len() >= 4 => {
+                let refs = u32::from_be_bytes(v[..4].try_into().expect("4 bytes"));
+                let refs = if add.is_some() {
+                    refs + 1
+                } else {
+                    refs.saturating_sub(1)
+                };
+                if refs == 0 {
+                    self.meta.delete(txn, &key).map_err(|e| self.err(e))?;
+                    Ok(())
+                } else {
+                    v[..4].copy_from_slice(&refs.to_be_bytes());
+                    self.meta.put(txn, &key, &v).map_err(|e| self.err(e))
+                }
+            }
+            (None, None) => Ok(()), // already gone (defensive: refs never go below 0)
+            (Some(_), _) => Err(StoreError::Corrupt {
+                path: self.path.clone(),
+                why: "group message body",
+            }),
+        }
+    }
+
+    /// A stored queue value as an item; group messages get their body from the shard's copy.
+    fn decode_stored(&self, txn: &heed::RoTxn, v: &[u8]) -> Result<Item, StoreError> {
+        let corrupt = || StoreError::Corrupt {
+            path: self.path.clone(),
+            why: "queue item",
+        };
+        if v.first() == Some(&ITEM_GROUP_MESSAGE_REF) && v.len() == 37 {
+            let msg_id = ServerMsgId(u64::from_be_bytes(v[9..17].try_into().expect("8 bytes")));
+            let body = self
+                .meta
+                .get(txn, &body_key(msg_id))
+                .map_err(|e| self.err(e))?
+                .filter(|b| b.len() >= 4)
+                .ok_or_else(corrupt)?;
+            let mut inline = v.to_vec();
+            inline[0] = ITEM_GROUP_MESSAGE;
+            inline.extend_from_slice(&body[4..]);
+            return Item::decode(&inline).ok_or_else(corrupt);
+        }
+        Item::decode(v).ok_or_else(corrupt)
     }
 
     fn presence_in(&self, txn: &heed::RoTxn, user: UserId) -> Result<PresenceRecord, StoreError> {
@@ -818,10 +924,7 @@ impl Store {
             let id = ServerMsgId(u64::from_be_bytes(
                 k[8..16].try_into().expect("16-byte key"),
             ));
-            let item = Item::decode(v).ok_or(StoreError::Corrupt {
-                path: self.path.clone(),
-                why: "queue item",
-            })?;
+            let item = self.decode_stored(&rtxn, v)?;
             out.push((id, item));
         }
         Ok(out)
@@ -858,6 +961,93 @@ mod tests {
             ts_ms: 5,
             body: Bytes::from(vec![n; 3]),
         }
+    }
+
+    #[test]
+    fn a_group_body_is_stored_once_per_shard_and_freed_with_its_last_member() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), ShardId(0), 1, 16, SyncPolicy::None)
+            .unwrap()
+            .store;
+        let body = Bytes::from(vec![9u8; 10_000]);
+        let item = Item::GroupMessage {
+            group: 5,
+            msg_id: ServerMsgId(77),
+            sender: UserId(1),
+            sender_device: DeviceId(2),
+            ts_ms: 3,
+            body: body.clone(),
+        };
+        let limits = QueueLimits {
+            messages_max: 1,
+            receipts_max: 1,
+        };
+        // Three members; the third's queue is already full.
+        store
+            .apply(
+                &[Op::Append {
+                    user: UserId(30),
+                    id: ServerMsgId(1),
+                    item: msg(1),
+                }],
+                limits,
+            )
+            .unwrap();
+        let appends: Vec<Op> = [10, 20, 30]
+            .iter()
+            .enumerate()
+            .map(|(i, u)| Op::Append {
+                user: UserId(*u),
+                id: ServerMsgId(100 + i as u64),
+                item: item.clone(),
+            })
+            .collect();
+        let out = store.apply(&appends, limits).unwrap();
+        assert_eq!(
+            out,
+            vec![
+                OpOutcome::Appended,
+                OpOutcome::Appended,
+                OpOutcome::QueueFull
+            ]
+        );
+        let refs = |s: &Store| {
+            let rtxn = s.env.read_txn().unwrap();
+            s.meta
+                .get(&rtxn, &body_key(ServerMsgId(77)))
+                .unwrap()
+                .map(|v| (u32::from_be_bytes(v[..4].try_into().unwrap()), v.len() - 4))
+        };
+        // One copy of the body, two references; each member reads the whole message.
+        assert_eq!(refs(&store), Some((2, 10_000)));
+        for u in [10, 20] {
+            let got = store.read_queue(UserId(u), None, 10).unwrap();
+            assert_eq!(got.len(), 1);
+            assert_eq!(got[0].1, item);
+        }
+        // The queue items themselves are headers only.
+        let (_, bytes) = store.queue_stats().unwrap();
+        assert!(bytes < 20_000, "{bytes} bytes of queue pages");
+        store
+            .apply(
+                &[Op::Delete {
+                    user: UserId(10),
+                    id: ServerMsgId(100),
+                }],
+                limits,
+            )
+            .unwrap();
+        assert_eq!(refs(&store), Some((1, 10_000)));
+        store
+            .apply(
+                &[Op::Delete {
+                    user: UserId(20),
+                    id: ServerMsgId(101),
+                }],
+                limits,
+            )
+            .unwrap();
+        assert_eq!(refs(&store), None, "the last delete frees the body");
     }
 
     #[test]
