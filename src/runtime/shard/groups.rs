@@ -395,6 +395,21 @@ impl Shard {
         );
     }
 
+    /// Keeps `group`'s member list in the cache, which is bounded
+    /// (`limits::GROUP_CACHE_MAX`): past it an arbitrary entry goes (the store is the truth,
+    /// so a dropped entry is read again on next use). An entry whose latest change has not
+    /// committed yet could be dropped and read back without it for the few milliseconds until
+    /// the commit; that needs 65,536 other groups used within one group commit.
+    fn cache_group(&self, group: u64, members: Members) {
+        let mut cache = self.groups.borrow_mut();
+        if cache.len() >= crate::limits::GROUP_CACHE_MAX && !cache.contains_key(&group) {
+            if let Some(victim) = cache.keys().next().copied() {
+                cache.remove(&victim);
+            }
+        }
+        cache.insert(group, members);
+    }
+
     /// The members of `group` (this shard owns it), from the cache or the store.
     fn members_of(&self, group: u64) -> Result<Option<Members>, String> {
         if let Some(m) = self.groups.borrow().get(&group) {
@@ -402,7 +417,7 @@ impl Shard {
         }
         match self.store.group(group) {
             Ok(Some(m)) => {
-                self.groups.borrow_mut().insert(group, m.clone());
+                self.cache_group(group, m.clone());
                 Ok(Some(m))
             }
             Ok(None) => Ok(None),
@@ -631,7 +646,7 @@ impl Shard {
         if members.is_empty() {
             self.groups.borrow_mut().remove(&group);
         } else {
-            self.groups.borrow_mut().insert(group, members.clone());
+            self.cache_group(group, members.clone());
         }
         self.enqueue_op(
             Op::PutGroup { group, members },
