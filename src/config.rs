@@ -310,7 +310,7 @@ pub struct TlsSection {
     pub session_tickets: bool,
     /// Once a TLS 1.3 handshake is done, take the traffic keys out of rustls and protect
     /// records in the gateway (as kernel TLS does), freeing rustls's ~2 KB per connection.
-    /// A client KeyUpdate then ends the connection (the client reconnects and resumes).
+    /// A client KeyUpdate is followed (and answered when it asks for one), as rustls would.
     pub record_offload: bool,
 }
 

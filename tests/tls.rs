@@ -405,3 +405,39 @@ fn clients_pick_among_the_enabled_groups_in_their_own_order() {
     assert_eq!(c2.tls_kx_group().as_deref(), Some("x25519"));
     node.shutdown().unwrap();
 }
+
+#[test]
+fn empty_bodies_and_bursts_of_small_records_go_through() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = TestPki::new(dir.path());
+    // TLS 1.2: the session stays in rustls (no record offload), one rustls state per record.
+    let mut cfg = tls_config(&dir.path().join("data"), &pki);
+    cfg.tls.versions = vec!["1.2".into()];
+    let node = start(cfg);
+    let addr = node.tls_addr.unwrap();
+    let tls = pki.client();
+    let (a, b) = (user_on_shard(100, 0, 2), user_on_shard(100, 1, 2));
+    let mut ca = login_tls(addr, &tls, a, 1);
+    let mut cb = login_tls(addr, &tls, b, 1);
+    let mut tcp = login(node.local_addr, user_on_shard(300, 0, 2), 1);
+    // An empty body, delivered live over TLS and over TCP (it once spun the write loop).
+    ca.send_message(1, UserId(b), b"").unwrap();
+    expect_send_ack(&mut ca, 1);
+    assert_eq!(expect_deliver(&mut cb).2, b"");
+    cb.send_message(2, UserId(user_on_shard(300, 0, 2)), b"")
+        .unwrap();
+    expect_send_ack(&mut cb, 2);
+    assert_eq!(expect_deliver(&mut tcp).2, b"");
+    // 600 PINGs, each its own TLS record, before reading any answer: every one is answered.
+    for n in 0..600u64 {
+        ca.send(&gatehouse::proto::ClientFrame::Ping { nonce: n })
+            .unwrap();
+    }
+    for n in 0..600u64 {
+        match ca.recv_frame().unwrap() {
+            ServerFrame::Pong { nonce } => assert_eq!(nonce, n),
+            other => panic!("expected PONG {n}, got {other:?}"),
+        }
+    }
+    node.shutdown().unwrap();
+}

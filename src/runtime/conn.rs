@@ -289,7 +289,9 @@ impl Conn {
     /// Queues encoded bytes (a frame, or a part of one) and wakes the task.
     pub fn push_bytes(&self, b: Bytes) {
         let mut st = self.st.borrow_mut();
-        if st.aborted {
+        // An empty piece (the body of an empty message) must not enter the queue: a write
+        // takes 0 bytes from it and never removes it, and the write loop would spin forever.
+        if st.aborted || b.is_empty() {
             return;
         }
         if st.out_bytes == 0 {
@@ -506,6 +508,11 @@ impl Conn {
                 n = 0;
             }
         }
+        // Defensive: no empty piece may stay at the front (see `push_bytes`).
+        while st.out.front().is_some_and(|b| b.len() == st.out_offset) {
+            st.out.pop_front();
+            st.out_offset = 0;
+        }
         if st.out.is_empty() {
             // Give the ring buffer back: idle connections hold no buffers.
             st.out = VecDeque::new();
@@ -559,7 +566,7 @@ impl Conn {
                     _ => return Err(err),
                 }
             }
-            if st.out.is_empty() || !layers.ready() {
+            if st.out.is_empty() || !layers.can_flush() {
                 return Ok(());
             }
             if layers.tls.is_none() {
@@ -762,6 +769,7 @@ impl Conn {
         let mut peer_closed = false;
         let mut out = Unwrapped::Plain;
         let mut fail = None;
+        let mut queued_reply: Option<Bytes> = None;
         if let Some(tls) = &mut layers.tls {
             if !tls.is_established()
                 && tls.pending_input_bytes() == 0
@@ -800,6 +808,7 @@ impl Conn {
         if fail.is_none() {
             if let Some(ws) = &mut layers.ws {
                 let input: &[u8] = if layers.tls.is_some() { plain } else { fresh };
+                let was_upgraded = ws.upgraded();
                 let mut reply = Vec::new();
                 match ws.handle_input(input, app, &mut reply) {
                     Ok(p) => {
@@ -812,7 +821,12 @@ impl Conn {
                 }
                 out = Unwrapped::App;
                 if !reply.is_empty() {
-                    if let Err(e) = layers.send_plain(&reply) {
+                    if was_upgraded {
+                        // Pongs, Close replies and framing errors: whole frames, queued after
+                        // the frames already queued, so they never land inside one.
+                        queued_reply = Some(Bytes::from(reply));
+                    } else if let Err(e) = layers.send_plain(&reply) {
+                        // The upgrade's answer (or its refusal): nothing is queued before it.
                         fail = Some((CloseReason::Tls, format!("TLS: {e}")));
                     }
                 }
@@ -824,6 +838,14 @@ impl Conn {
         }
         let added = layers.wire_out.len() - before;
         st.wire_added(added);
+        if let Some(b) = queued_reply {
+            if st.out_bytes == 0 {
+                st.out_since_ms = super::mono_ms();
+            }
+            st.out_bytes += b.len();
+            IO_COUNTS.with(|c| bump(&c.out_bytes_queued, b.len() as u64));
+            st.out.push_back(b);
+        }
         match fail {
             Some(f) => Err(f),
             None => Ok((out, peer_closed)),

@@ -198,6 +198,8 @@ pub enum Envelope {
         group: u64,
         /// The messages' group ids.
         msg_ids: Vec<ServerMsgId>,
+        /// The member (a read counts only from a member of the group).
+        member: UserId,
         /// Read (else delivered).
         read: bool,
     },
@@ -1246,7 +1248,7 @@ impl Shard {
                     users,
                 },
             ),
-            Command::GroupRead { group, ids } => self.group_read(conn, group, ids),
+            Command::GroupRead { group, ids } => self.group_read(conn, user, group, ids),
             Command::GroupSend {
                 client_msg_id,
                 group,
@@ -1799,13 +1801,14 @@ impl Shard {
                                 );
                             }
                         }
-                        (Op::Delete { .. }, OpOutcome::Deleted(true)) => {
+                        (Op::Delete { user, .. }, OpOutcome::Deleted(true)) => {
                             if let Completion::GroupDelivered { group, msg_id } = completion {
                                 self.route(
                                     groups::group_shard(group, self.shards),
                                     Envelope::GroupTally {
                                         group,
                                         msg_ids: vec![msg_id],
+                                        member: user,
                                         read: false,
                                     },
                                 );

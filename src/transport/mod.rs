@@ -97,6 +97,13 @@ impl Layers {
             && self.ws.as_ref().is_none_or(|w| w.is_open())
     }
 
+    /// Whether queued output may be written: the TLS handshake and the WebSocket upgrade are
+    /// done (a WebSocket the peer has closed still writes what was queued before).
+    pub fn can_flush(&self) -> bool {
+        self.tls.as_ref().is_none_or(|t| t.is_established())
+            && self.ws.as_ref().is_none_or(|w| w.upgraded())
+    }
+
     /// Whether protocol frames must be wrapped in WebSocket frames.
     pub fn frames_in_websocket(&self) -> bool {
         self.ws.as_ref().is_some_and(|w| w.is_open())

@@ -85,8 +85,11 @@ impl Direction {
     }
 
     /// The per-record nonce: the IV XOR the sequence number (RFC 8446 5.3); advances it.
-    fn next_nonce(&mut self) -> Result<Nonce, RecordError> {
-        if self.seq >= RECORDS_PER_KEY_MAX {
+    /// `limit`: sealing stops at the key's confidentiality limit (we update our key before
+    /// it); opening does not, since a peer may keep its key longer (many never send KeyUpdate)
+    /// and only the sender is bound by it. A sequence number never wraps either way.
+    fn next_nonce(&mut self, limit: bool) -> Result<Nonce, RecordError> {
+        if (limit && self.seq >= RECORDS_PER_KEY_MAX) || self.seq == u64::MAX {
             return Err(RecordError::KeyExhausted);
         }
         let iv = match &self.secrets {
@@ -218,7 +221,7 @@ impl RecordLayer {
                 (body_len >> 8) as u8,
                 body_len as u8,
             ];
-            let nonce = self.tx.next_nonce()?;
+            let nonce = self.tx.next_nonce(true)?;
             let start = wire.len();
             wire.extend_from_slice(&header);
             wire.extend_from_slice(chunk);
@@ -255,9 +258,9 @@ impl RecordLayer {
             let mut buf = std::mem::take(pending);
             buf.extend_from_slice(fresh);
             let (used, r) = self.open_records(&mut buf, plain, wire);
-            buf.drain(..used);
-            if r.is_ok() && !buf.is_empty() {
-                *pending = buf;
+            // Keep only the split record, in a buffer of its own size (not the joined one's).
+            if r.is_ok() && used < buf.len() {
+                *pending = buf[used..].to_vec();
             }
             r
         }
@@ -298,7 +301,7 @@ impl RecordLayer {
                     Err(e) => return (off, Err(e)),
                 };
             }
-            let nonce = match self.rx.next_nonce() {
+            let nonce = match self.rx.next_nonce(false) {
                 Ok(n) => n,
                 Err(e) => return (off, Err(e)),
             };

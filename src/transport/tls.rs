@@ -323,6 +323,9 @@ pub enum TlsError {
     /// Early data is not enabled; rustls never hands it out (defensive).
     #[error("unexpected early data")]
     EarlyData,
+    /// A state the driver does not expect (a bug of ours, reported instead of losing data).
+    #[error("TLS driver: {0}")]
+    Unexpected(&'static str),
     /// The offloaded record layer refused input or ran out of key usage.
     #[error("{0}")]
     Record(#[from] super::record::RecordError),
@@ -469,9 +472,9 @@ impl TlsSession {
             let mut buf = std::mem::take(&mut self.pending_in);
             buf.extend_from_slice(fresh);
             let (used, r) = self.process(&mut buf, plain, wire);
-            buf.drain(..used);
-            if !buf.is_empty() {
-                self.pending_in = buf;
+            // Keep only the unprocessed tail, in a buffer of its own size.
+            if used < buf.len() {
+                self.pending_in = buf[used..].to_vec();
             }
             r
         };
@@ -503,8 +506,12 @@ impl TlsSession {
     ) -> (usize, Result<bool, TlsError>) {
         let mut used = 0;
         let mut peer_closed = false;
-        // Bounded: every round either consumes input, emits output, or stops.
-        for _ in 0..crate::limits::TLS_STATES_PER_INPUT_MAX {
+        // Bounded: a state either consumes input (every record is at least 5 bytes, and each
+        // app-data record is one state), emits output, or stops; so at most a state per 5
+        // bytes of input plus a few for output. A fixed cap would leave records of a burst of
+        // small ones unprocessed until more input came.
+        let states_max = buf.len() / 5 + crate::limits::TLS_STATES_PER_INPUT_MAX;
+        for _ in 0..states_max {
             let UnbufferedStatus { discard, state } = self
                 .conn
                 .as_mut()
@@ -600,6 +607,11 @@ impl TlsSession {
                 ConnectionState::WriteTraffic(mut w) => {
                     let f = f.take().expect("called once: the loop ends here");
                     Some(Some(f(&mut w, wire)))
+                }
+                // Undrained input would make rustls answer ReadTraffic here, and the data to
+                // encrypt would be lost: `process` always drains it, so this is a bug.
+                ConnectionState::ReadTraffic(_) => {
+                    return Err(TlsError::Unexpected("received data left undrained"))
                 }
                 // Closed, or anything else: nothing can be sent any more.
                 _ => Some(None),

@@ -175,6 +175,11 @@ impl WsSession {
         !matches!(self.rx, Rx::Upgrade | Rx::Closed)
     }
 
+    /// Whether the upgrade has been answered (101), even if the session has closed since.
+    pub fn upgraded(&self) -> bool {
+        !matches!(self.rx, Rx::Upgrade)
+    }
+
     /// Bytes held for a split header or control payload.
     pub fn held_bytes(&self) -> usize {
         self.held.len()

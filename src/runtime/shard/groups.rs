@@ -230,8 +230,20 @@ impl Shard {
             Envelope::GroupTally {
                 group,
                 msg_ids,
+                member,
                 read,
             } => {
+                // A delivered tally comes from the member's own queue; a read only counts
+                // from a member (a GROUP_READ can name any ids).
+                let is_member = || {
+                    self.members_of(group)
+                        .ok()
+                        .flatten()
+                        .is_some_and(|m| role_of(&m, member).is_some())
+                };
+                if read && !is_member() {
+                    return;
+                }
                 for msg_id in msg_ids {
                     self.tally(group, msg_id, read);
                 }
@@ -276,7 +288,7 @@ impl Shard {
     }
 
     /// GROUP_READ on a member's connection: the tallies live on the group's shard.
-    pub(super) fn group_read(&self, conn: &Conn, group: u64, ids: Vec<ServerMsgId>) {
+    pub(super) fn group_read(&self, conn: &Conn, user: UserId, group: u64, ids: Vec<ServerMsgId>) {
         if group == 0 {
             conn.push_frame(&ServerFrame::error(
                 ErrorCode::GroupUnknown,
@@ -290,6 +302,7 @@ impl Shard {
             Envelope::GroupTally {
                 group,
                 msg_ids: ids,
+                member: user,
                 read: true,
             },
         );

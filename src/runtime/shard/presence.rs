@@ -334,6 +334,12 @@ impl Shard {
                 let max = self.cfg.presence_subscribers_max;
                 c.update_subs(false, &targets, usize::MAX, self.typing_burst())
                     .expect("removing never fails");
+                // A later SUBSCRIBE for the same users may have been accepted meanwhile: undo
+                // it on their shards too, so that no follower entry outlives this list.
+                self.route_by_owner(targets.clone(), |t| Envelope::Unsubscribe {
+                    sub: to,
+                    targets: t,
+                });
                 for t in targets {
                     c.push_frame(&ServerFrame::error(
                         ErrorCode::PresenceLimit,
