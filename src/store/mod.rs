@@ -17,6 +17,8 @@
 //!   `limits::GROUP_BODY_SHARED_MIN_BYTES`, stored once per shard: each member's queue item on
 //!   this shard refers to it, and the last delete removes it).
 
+use std::collections::hash_map::Entry;
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use bytes::Bytes;
@@ -570,15 +572,18 @@ impl Store {
     pub fn apply(&self, ops: &[Op], limits: QueueLimits) -> Result<Vec<OpOutcome>, StoreError> {
         let mut wtxn = self.env.write_txn().map_err(|e| self.err(e))?;
         let mut out = Vec::with_capacity(ops.len());
+        // Queue counts, read once and written once per user per transaction: a user whose
+        // queue goes 0 → 1 → 0 within a batch (an online member, appended then acknowledged)
+        // would otherwise insert and delete its count record each time.
+        let mut counts: HashMap<UserId, (u32, u32)> = HashMap::new();
         for op in ops {
             let outcome = match op {
                 Op::Append { user, id, item } => {
-                    let ck = count_key(*user);
-                    let (mut msgs, mut rcpts) = self.counts(&wtxn, &ck)?;
+                    let (msgs, rcpts) = self.counts_in(&wtxn, &mut counts, *user)?;
                     let full = if item.is_receipt() {
-                        rcpts >= limits.receipts_max
+                        *rcpts >= limits.receipts_max
                     } else {
-                        msgs >= limits.messages_max
+                        *msgs >= limits.messages_max
                     };
                     if full {
                         OpOutcome::QueueFull
@@ -603,11 +608,10 @@ impl Store {
                             .put(&mut wtxn, &queue_key(*user, *id), &value)
                             .map_err(|e| self.err(e))?;
                         if item.is_receipt() {
-                            rcpts += 1
+                            *rcpts += 1
                         } else {
-                            msgs += 1
+                            *msgs += 1
                         }
-                        self.put_counts(&mut wtxn, &ck, msgs, rcpts)?;
                         OpOutcome::Appended
                     }
                 }
@@ -634,14 +638,12 @@ impl Store {
                                     })?;
                                 self.body_ref(&mut wtxn, ServerMsgId(id), None)?;
                             }
-                            let ck = count_key(*user);
-                            let (mut msgs, mut rcpts) = self.counts(&wtxn, &ck)?;
+                            let (msgs, rcpts) = self.counts_in(&wtxn, &mut counts, *user)?;
                             if kind == ITEM_RECEIPT || kind == ITEM_GROUP_RECEIPT {
-                                rcpts = rcpts.saturating_sub(1)
+                                *rcpts = rcpts.saturating_sub(1)
                             } else {
-                                msgs = msgs.saturating_sub(1)
+                                *msgs = msgs.saturating_sub(1)
                             }
-                            self.put_counts(&mut wtxn, &ck, msgs, rcpts)?;
                             OpOutcome::Deleted(true)
                         }
                     }
@@ -695,8 +697,27 @@ impl Store {
             };
             out.push(outcome);
         }
+        let mut counts: Vec<_> = counts.into_iter().collect();
+        counts.sort_unstable_by_key(|(u, _)| *u);
+        for (user, (msgs, rcpts)) in counts {
+            self.put_counts(&mut wtxn, &count_key(user), msgs, rcpts)?;
+        }
         wtxn.commit().map_err(|e| self.err(e))?;
         Ok(out)
+    }
+
+    /// `user`'s queue counts in this transaction's overlay, read from the store on first use.
+    fn counts_in<'c>(
+        &self,
+        txn: &heed::RoTxn,
+        overlay: &'c mut HashMap<UserId, (u32, u32)>,
+        user: UserId,
+    ) -> Result<(&'c mut u32, &'c mut u32), StoreError> {
+        let c = match overlay.entry(user) {
+            Entry::Occupied(e) => e.into_mut(),
+            Entry::Vacant(e) => e.insert(self.counts(txn, &count_key(user))?),
+        };
+        Ok((&mut c.0, &mut c.1))
     }
 
     /// Counts a reference to group message `msg_id`'s body (`Some(body)`: a new member item,
@@ -1048,6 +1069,76 @@ mod tests {
             )
             .unwrap();
         assert_eq!(refs(&store), None, "the last delete frees the body");
+    }
+
+    #[test]
+    fn counts_follow_appends_and_deletes_within_one_transaction() {
+        let dir = tempfile::tempdir().unwrap();
+        let Opened { store, epoch } =
+            Store::open(dir.path(), ShardId(0), 1, 16, SyncPolicy::None).unwrap();
+        let (a, b) = (UserId(5), UserId(6));
+        let id = |c| ServerMsgId::compose(epoch, ShardId(0), c);
+        let append = |user, c| Op::Append {
+            user,
+            id: id(c),
+            item: msg(c as u8),
+        };
+        // a fills its queue (3), one delete frees a place that the next append takes, the
+        // append after that is refused; b's count is separate; an absent id changes nothing.
+        let ops = [
+            append(a, 1),
+            append(b, 2),
+            append(a, 3),
+            append(a, 4),
+            append(a, 5),
+            Op::Delete { user: a, id: id(3) },
+            append(a, 6),
+            append(a, 7),
+            Op::Delete {
+                user: b,
+                id: id(99),
+            },
+            Op::Delete { user: b, id: id(2) },
+        ];
+        let out = store.apply(&ops, LIMITS).unwrap();
+        use OpOutcome::*;
+        assert_eq!(
+            out,
+            vec![
+                Appended,
+                Appended,
+                Appended,
+                Appended,
+                QueueFull,
+                Deleted(true),
+                Appended,
+                QueueFull,
+                Deleted(false),
+                Deleted(true)
+            ]
+        );
+        assert_eq!(store.queue_counts(a).unwrap(), (3, 0));
+        assert_eq!(store.queue_counts(b).unwrap(), (0, 0));
+        let ids: Vec<_> = store
+            .read_queue(a, None, 10)
+            .unwrap()
+            .into_iter()
+            .map(|(i, _)| i)
+            .collect();
+        assert_eq!(ids, vec![id(1), id(4), id(6)]);
+        // The counts were written: the next transaction starts from them.
+        let out = store
+            .apply(
+                &[
+                    append(a, 8),
+                    Op::Delete { user: a, id: id(1) },
+                    append(a, 9),
+                ],
+                LIMITS,
+            )
+            .unwrap();
+        assert_eq!(out, vec![QueueFull, Deleted(true), Appended]);
+        assert_eq!(store.queue_counts(a).unwrap(), (3, 0));
     }
 
     #[test]
