@@ -16,6 +16,12 @@
 #   --keep             leave the gateways running afterwards
 #   --tls              clients connect over TLS: a local CA and certificate are made with
 #                      scripts/make-certs.sh, node i serves TLS on 127.0.0.1:(BASE+1000+i)
+#   --bin DIR          use prebuilt gatehouse and loadgen binaries from DIR (no cargo build;
+#                      for a box without a Rust toolchain)                 [target/release]
+#   --gateway-cpus L   run the gateways under `taskset -c L` (shards pin to the first CPUs
+#                      of L, LMDB commit threads float over L)             [all]
+#   --loadgen-cpus L   run the loadgen under `taskset -c L`, so that it does not share the
+#                      gateways' cores on a many-core box                  [all]
 #
 # Each node is a standalone gateway that owns the users with ids::owner_node(user, nodes) == i
 # (documented in docs/architecture.md); the loadgen sends every user to its node. What this
@@ -26,6 +32,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 users=1000 nodes=0 shards=0 sync=batch dir=target/loadtest port=7500 keep=0 tls=0
+bin='' gateway_cpus='' loadgen_cpus=''
 while (($#)); do
   case "$1" in
     --users) users=$2; shift 2 ;;
@@ -36,14 +43,22 @@ while (($#)); do
     --port) port=$2; shift 2 ;;
     --keep) keep=1; shift ;;
     --tls) tls=1; shift ;;
+    --bin) bin=$2; shift 2 ;;
+    --gateway-cpus) gateway_cpus=$2; shift 2 ;;
+    --loadgen-cpus) loadgen_cpus=$2; shift 2 ;;
     --) shift; break ;;
     *) echo "loadtest: unknown option $1 (loadgen options go after --)" >&2; exit 2 ;;
   esac
 done
 (($# > 0)) || { echo "loadtest: give the loadgen scenario after --, e.g. -- idle --duration-s 30" >&2; exit 2; }
 
-cargo build --release -q -p gatehouse -p loadgen
-bin=target/release
+if [ -z "$bin" ]; then
+  cargo build --release -q -p gatehouse -p loadgen
+  bin=target/release
+fi
+gateway_wrap=() loadgen_wrap=()
+[ -z "$gateway_cpus" ] || gateway_wrap=(taskset -c "$gateway_cpus")
+[ -z "$loadgen_cpus" ] || loadgen_wrap=(taskset -c "$loadgen_cpus")
 
 # Open files: raise the soft limit to the hard one; never assume a number.
 hard=$(ulimit -Hn)
@@ -60,7 +75,7 @@ fi
 if [ "$shards" = 0 ]; then
   if [ "$nodes" -gt 1 ]; then shards=1; else shards=2; fi
 fi
-cpus=$(nproc)
+cpus=$(if [ -n "$gateway_cpus" ]; then taskset -c "$gateway_cpus" nproc; else nproc; fi)
 # Many nodes per core: a 5 ms heartbeat in each would cost a noticeable share of the CPU
 # (measured: ~20% at 53 nodes on 2 cores), so the period grows with the node count.
 if [ "$nodes" -gt 2 ]; then heartbeat_ms=50; else heartbeat_ms=5; fi
@@ -129,7 +144,7 @@ listen = "127.0.0.1:$((port + 1000 + i))"
 cert_file = "$dir/certs/server.pem"
 key_file = "$dir/certs/server.key"
 EOF
-  GATEHOUSE_LOG=warn GATEHOUSE_ADMIN__LISTEN=127.0.0.1:0 "$bin/gatehouse" run --config "$nd/gatehouse.toml" > "$nd/stdout.log" 2> "$nd/stderr.log" &
+  GATEHOUSE_LOG=warn GATEHOUSE_ADMIN__LISTEN=127.0.0.1:0 "${gateway_wrap[@]}" "$bin/gatehouse" run --config "$nd/gatehouse.toml" > "$nd/stdout.log" 2> "$nd/stderr.log" &
   pids="$pids $!"
   if [ "$tls" = 1 ]; then
     gateways="$gateways,127.0.0.1:$((port + 1000 + i))"
@@ -145,7 +160,7 @@ done
 echo "loadtest: $nodes gateway node(s) x $shards shard(s) up (open-file limit $fdlimit); running loadgen"
 
 set +e
-"$bin/loadgen" run "$@" --users "$users" --gateway "${gateways#,}" --key-hex "$key" \
+"${loadgen_wrap[@]}" "$bin/loadgen" run "$@" --users "$users" --gateway "${gateways#,}" --key-hex "$key" \
   --gateway-pids "$pid_list" --report "$dir/report.json" "${tls_args[@]}"
 rc=$?
 set -e
