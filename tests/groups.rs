@@ -541,3 +541,74 @@ fn senders_get_aggregated_receipts_not_one_per_member() {
     assert_eq!(next_non_event(&mut ca), ServerFrame::Pong { nonce: 5 });
     node.shutdown().unwrap();
 }
+
+/// Answers to pipelined requests, by request (or client message) id, in any order: a refusal
+/// comes at once, a GROUP_OK after its commit. Events and receipts on the way are ACKed.
+fn answers(c: &mut Client, n: usize) -> std::collections::BTreeMap<u64, ServerFrame> {
+    let mut got = std::collections::BTreeMap::new();
+    while got.len() < n {
+        let f = next_answer(c);
+        let id = match &f {
+            ServerFrame::GroupOk { request_id, .. } => *request_id,
+            ServerFrame::Error { ref_id, .. } => *ref_id,
+            ServerFrame::SendAck { client_msg_id, .. } => *client_msg_id,
+            other => panic!("unexpected {other:?}"),
+        };
+        assert!(got.insert(id, f).is_none(), "two answers to {id}");
+    }
+    got
+}
+
+#[test]
+fn a_group_emptied_by_its_last_member_is_gone_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path());
+    let node = start(cfg.clone());
+    let mut ca = login(node.local_addr, 1, 1);
+    let g = 77;
+    group(&mut ca, 1, g, GroupOp::Create, &[]);
+    expect_ok(&mut ca, 1);
+    // Pipelined behind the last member's leave, before its commit can have finished: the
+    // group must already be gone (not read back from the store, which still has it).
+    group(&mut ca, 2, g, GroupOp::Leave, &[]);
+    group(&mut ca, 3, g, GroupOp::List, &[]);
+    group_send(&mut ca, 4, g, b"to nobody");
+    group(&mut ca, 5, g, GroupOp::Create, &[]);
+    let got = answers(&mut ca, 4);
+    let code = |id| match &got[&id] {
+        ServerFrame::Error { code, .. } => Some(*code),
+        _ => None,
+    };
+    assert!(
+        matches!(got[&2], ServerFrame::GroupOk { .. }),
+        "{:?}",
+        got[&2]
+    );
+    assert_eq!(
+        code(3),
+        Some(ErrorCode::GroupUnknown as u16),
+        "{:?}",
+        got[&3]
+    );
+    assert_eq!(
+        code(4),
+        Some(ErrorCode::GroupUnknown as u16),
+        "{:?}",
+        got[&4]
+    );
+    assert!(
+        matches!(got[&5], ServerFrame::GroupOk { .. }),
+        "{:?}",
+        got[&5]
+    );
+    // The new group is the one that stays, in the store too.
+    group(&mut ca, 6, g, GroupOp::List, &[]);
+    assert_eq!(expect_ok(&mut ca, 6), vec![(UserId(1), GroupRole::Admin)]);
+    drop(ca);
+    node.shutdown().unwrap();
+    let node = start(cfg);
+    let mut ca = login(node.local_addr, 1, 1);
+    group(&mut ca, 7, g, GroupOp::List, &[]);
+    assert_eq!(expect_ok(&mut ca, 7), vec![(UserId(1), GroupRole::Admin)]);
+    node.shutdown().unwrap();
+}

@@ -423,10 +423,12 @@ impl Shard {
         cache.insert(group, members);
     }
 
-    /// The members of `group` (this shard owns it), from the cache or the store.
+    /// The members of `group` (this shard owns it), from the cache or the store. An empty
+    /// cached list is a tombstone: the group was emptied and its delete may not have
+    /// committed yet, so the store's copy must not be read back.
     fn members_of(&self, group: u64) -> Result<Option<Members>, String> {
         if let Some(m) = self.groups.borrow().get(&group) {
-            return Ok(Some(m.clone()));
+            return Ok((!m.is_empty()).then(|| m.clone()));
         }
         match self.store.group(group) {
             Ok(Some(m)) => {
@@ -656,11 +658,9 @@ impl Shard {
             };
         // Members after the change hear of it, and so do those who left or were removed.
         recipients.extend(members.iter().map(|(u, _)| *u));
-        if members.is_empty() {
-            self.groups.borrow_mut().remove(&group);
-        } else {
-            self.cache_group(group, members.clone());
-        }
+        // An emptied group stays in the cache as a tombstone (an empty list) until evicted:
+        // until its delete commits, the store still has the old list.
+        self.cache_group(group, members.clone());
         self.enqueue_op(
             Op::PutGroup { group, members },
             Completion::GroupOk {
