@@ -18,11 +18,15 @@ use crate::ids::ShardId;
 use crate::limits;
 use crate::runtime::listener::bind_reuseport;
 use crate::runtime::shard::{Batch, Shard, ShardConfig, ShardSeed};
-use crate::runtime::watchdog::{self, Nudge, Pulse};
+use crate::runtime::watchdog::{self, Nudge, Pulse, StartProbe};
 use crate::session::SessionParams;
 use crate::store::{QueueLimits, Store};
 use crate::transport::tls::CertSummary;
 use crate::transport::{ListenerKind, TlsContext};
+
+/// How long the starter waits for a shard before it checks whether the shard parked before
+/// running (and kicks it; see `StartProbe`). A shard normally starts within a millisecond.
+const START_KICK_AFTER: std::time::Duration = std::time::Duration::from_millis(20);
 
 /// A running node.
 pub struct ServerHandle {
@@ -290,6 +294,36 @@ pub fn start(config: Config) -> anyhow::Result<ServerHandle> {
     let state = Arc::new(NodeState::new(stop.clone()));
     let pulses: Vec<Arc<Pulse>> = (0..shards).map(|_| Arc::new(Pulse::default())).collect();
     let nudges: Vec<Arc<Nudge>> = (0..shards).map(|_| Arc::new(Nudge::default())).collect();
+    // The watchdog runs before the first shard does. A shard's start connects its channels to
+    // every other shard, and glommio 0.9 can park an executor with work still queued: with no
+    // foreign wake to end the park, its peers spin in `SharedSender::connect` until some I/O
+    // wakes it. Until every shard has started, the watchdog nudges every few ms, even with
+    // the heartbeat off. A nudge needs a waker, so it covers only a shard whose root future
+    // has run; one that parked before that is woken by the probes below (`StartProbe`).
+    let watchdog_stop = Arc::new(AtomicBool::new(false));
+    let started = Arc::new(AtomicBool::new(false));
+    let watchdog = watchdog::spawn(
+        pulses.clone(),
+        nudges.clone(),
+        config.runtime.heartbeat_ms,
+        config.runtime.stall_threshold_ms,
+        watchdog_stop.clone(),
+        Some(started.clone()),
+    );
+    // Stops the watchdog if the start fails from here on.
+    struct StopOnDrop(Option<Arc<AtomicBool>>);
+    impl Drop for StopOnDrop {
+        fn drop(&mut self) {
+            if let Some(s) = &self.0 {
+                s.store(true, Ordering::Relaxed);
+            }
+        }
+    }
+    let mut stop_watchdog = StopOnDrop(Some(watchdog_stop.clone()));
+    // Shard threads are named `gh-shard-N-ID` (glommio adds its executor id): the kernel
+    // keeps 15 bytes of a thread's name, and the start probe finds each shard's thread by it.
+    let names: Vec<String> = (0..shards).map(|i| format!("gh-shard-{i}")).collect();
+    let probes: Vec<Arc<StartProbe>> = names.iter().map(|n| Arc::new(StartProbe::new(n))).collect();
     let cpus = allowed_cpus();
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
     let mut handles = Vec::with_capacity(shards);
@@ -321,6 +355,7 @@ pub fn start(config: Config) -> anyhow::Result<ServerHandle> {
             drained: drained.clone(),
             stop: stop.clone(),
             nudge: nudges[i].clone(),
+            start: probes[i].clone(),
             ready: ready_tx.clone(),
         };
         let cpu = cpus[(config.server.first_cpu + i) % cpus.len()];
@@ -328,7 +363,7 @@ pub fn start(config: Config) -> anyhow::Result<ServerHandle> {
         // not needed. The blocking pool (LMDB commits) is left unbound so the kernel can run a
         // commit on whichever core is idle.
         let handle = LocalExecutorBuilder::new(Placement::Fixed(cpu))
-            .name(&format!("gatehouse-shard-{i}"))
+            .name(&names[i])
             .io_memory(config.runtime.io_memory_kib * 1024)
             .ring_depth(config.runtime.ring_depth)
             .preempt_timer(std::time::Duration::from_micros(
@@ -343,11 +378,25 @@ pub fn start(config: Config) -> anyhow::Result<ServerHandle> {
     // A shard that neither starts nor fails within this time is reported instead of hanging
     // the caller (a glommio executor can wedge; see runtime/watchdog.rs).
     let ready_deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    for _ in 0..shards {
+    let mut started_shards = 0;
+    while started_shards < shards {
         let left = ready_deadline.saturating_duration_since(std::time::Instant::now());
-        match ready_rx.recv_timeout(left) {
-            Ok(Ok(())) => {}
+        match ready_rx.recv_timeout(left.min(START_KICK_AFTER)) {
+            Ok(Ok(())) => started_shards += 1,
             Ok(Err(e)) => bail!("shard failed to start: {e}"),
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) if !left.is_zero() => {
+                // A shard that parked before its root future ran (glommio 0.9) sleeps until
+                // some I/O arrives; a signal ends that sleep (see `StartProbe`).
+                for (i, p) in probes.iter().enumerate() {
+                    if p.kick_if_parked() {
+                        tracing::warn!(
+                            shard = i,
+                            kicks = p.kicks(),
+                            "shard parked before it ran: woken with a signal"
+                        );
+                    }
+                }
+            }
             Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
                 stop.store(true, Ordering::Relaxed);
                 bail!("a shard did not start within 30 s");
@@ -357,14 +406,7 @@ pub fn start(config: Config) -> anyhow::Result<ServerHandle> {
             }
         }
     }
-    let watchdog_stop = Arc::new(AtomicBool::new(false));
-    let watchdog = watchdog::spawn(
-        pulses.clone(),
-        nudges,
-        config.runtime.heartbeat_ms,
-        config.runtime.stall_threshold_ms,
-        watchdog_stop.clone(),
-    );
+    started.store(true, Ordering::Relaxed);
     let (admin, admin_addr) = match admin_listener {
         Some((l, addr)) => {
             let h = admin::spawn(l, links, state.clone(), pulses.clone(), tls.clone())
@@ -374,6 +416,7 @@ pub fn start(config: Config) -> anyhow::Result<ServerHandle> {
         None => (None, None),
     };
     state.ready.store(true, Ordering::Relaxed);
+    stop_watchdog.0 = None;
     tracing::info!(%local_addr, tls = ?tls_addr, websocket = ?ws_addr, admin = ?admin_addr, shards, data_dir = %config.store.data_dir.display(), sync = ?config.store.sync, "gatehouse serving");
     Ok(ServerHandle {
         local_addr,

@@ -52,8 +52,16 @@ fn without_heartbeat_an_idle_shard_does_not_turn() {
     // /healthz still works), which this control test must not see.
     cfg.admin.enabled = false;
     let server = start(cfg);
+    // While the shards start, the watchdog nudges them whatever the heartbeat (a start that
+    // parks must be woken); let the last of those nudges land first.
+    std::thread::sleep(Duration::from_millis(50));
+    let before = beats(&server);
     std::thread::sleep(Duration::from_millis(300));
-    assert_eq!(beats(&server), vec![0, 0]);
+    assert_eq!(
+        beats(&server),
+        before,
+        "an idle shard turned without a heartbeat"
+    );
     server.shutdown().unwrap();
 }
 
@@ -102,4 +110,51 @@ fn a_panic_in_a_blocking_call_reaches_the_shard_instead_of_hanging_it() {
         .recv_timeout(Duration::from_secs(10))
         .expect("the executor hung on a panicking blocking call");
     assert!(panicked, "the panic did not reach the executor");
+}
+
+/// An executor asleep in `io_uring_enter` whose root future has not reported in: the probe
+/// finds its thread by name, signals it, and the executor lives on (a no-op handler; glommio
+/// takes the interrupted sleep as a wake-up).
+#[test]
+fn a_start_probe_signals_only_an_executor_parked_before_it_ran() {
+    use gatehouse::runtime::watchdog::StartProbe;
+    use std::sync::Arc;
+    let probe = Arc::new(StartProbe::new("gh-probe-test"));
+    let (tx, rx) = std::sync::mpsc::channel();
+    let ex = glommio::LocalExecutorBuilder::new(glommio::Placement::Unbound)
+        .name("gh-probe-test")
+        .io_memory(64 * 1024)
+        .spawn(move || async move {
+            // Stands for an executor that parked before its root future ran: asleep in
+            // io_uring_enter, and the probe not told.
+            glommio::timer::sleep(Duration::from_millis(700)).await;
+            let _ = tx.send(());
+        })
+        .unwrap();
+    // A thread with the same name asleep elsewhere (like glommio's blocking pool, in futex)
+    // is left alone. glommio names the executor's threads `{name}-{executor id}`.
+    let (hold, held) = std::sync::mpsc::channel::<()>();
+    let other = std::thread::Builder::new()
+        .name("gh-probe-test-0".into())
+        .spawn(move || {
+            let _ = held.recv();
+        })
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_millis(500);
+    while !probe.kick_if_parked() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the parked executor was not found"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert_eq!(probe.kicks(), 1, "only the executor's thread is signalled");
+    // Once the root future has reported in, the probe never signals again.
+    probe.polled();
+    assert!(!probe.kick_if_parked());
+    rx.recv_timeout(Duration::from_secs(10))
+        .expect("the executor did not survive the signal");
+    ex.join().unwrap();
+    drop(hold);
+    other.join().unwrap();
 }

@@ -30,7 +30,7 @@ use gatehouse::ids::{owner_node, DeviceId, ServerMsgId, UserId};
 use gatehouse::proto::{
     split_frame, ClientFrame, ErrorCode, ReceiptKind, ServerFrame, HELLO_MAGIC, PROTOCOL_VERSION,
 };
-use gatehouse::runtime::watchdog::{self, Nudge, Pulse};
+use gatehouse::runtime::watchdog::{self, Nudge, Pulse, StartProbe};
 
 use crate::args::{parse_src_ips, RunArgs, Scenario};
 use crate::stats::{check_loss, encode_hist, histogram, Counters, LossReport, PairSeq};
@@ -1383,20 +1383,29 @@ pub fn run(args: RunArgs, index: usize, workers: usize) -> anyhow::Result<()> {
         heartbeat_ms,
         1000,
         watchdog_stop.clone(),
+        // Started before the executors, with a heartbeat of at least 5 ms: the start is
+        // covered by the ordinary nudges.
+        None,
     );
     let mut handles = Vec::new();
+    // An executor that parks before its root future runs is woken with a signal by the loop
+    // below (see `StartProbe`; the gateway's shards have the same defense).
+    let names: Vec<String> = (0..cores).map(|e| format!("loadgen-{index}-{e}")).collect();
+    let probes: Vec<Arc<StartProbe>> = names.iter().map(|n| Arc::new(StartProbe::new(n))).collect();
     for e in 0..cores {
         let (pulse, nudge) = (pulses[e].clone(), nudges[e].clone());
+        let probe = probes[e].clone();
         let sh = sh.clone();
         let ptx = ptx.clone();
         let users: Vec<u32> = (lo..hi).filter(|i| (*i as usize) % cores == e).collect();
         let h = LocalExecutorBuilder::new(Placement::Fixed(cpus[(index * cores + e) % cpus.len()]))
-            .name(&format!("loadgen-{index}-{e}"))
+            .name(&names[e])
             .io_memory(64 * 1024)
             // glommio's 100 ms default would let one queue run that long between I/O polls,
             // adding its own latency to every measurement.
             .preempt_timer(Duration::from_micros(500))
             .spawn(move || async move {
+                probe.polled();
                 nudge.attach().await;
                 glommio::spawn_local(watchdog::heartbeat(nudge, pulse)).detach();
                 let ex = Rc::new(Exec {
@@ -1435,6 +1444,7 @@ pub fn run(args: RunArgs, index: usize, workers: usize) -> anyhow::Result<()> {
     let mut latest: HashMap<usize, Counters> = HashMap::new();
     let mut interval = histogram();
     let mut last_print = Instant::now();
+    let (mut all_polled, mut last_kick) = (false, Instant::now());
     loop {
         match prx.recv_timeout(Duration::from_millis(50)) {
             Ok((executor, counters, h)) => {
@@ -1443,6 +1453,17 @@ pub fn run(args: RunArgs, index: usize, workers: usize) -> anyhow::Result<()> {
             }
             Err(mpsc::RecvTimeoutError::Disconnected) => break,
             Err(mpsc::RecvTimeoutError::Timeout) => {}
+        }
+        if !all_polled && last_kick.elapsed() >= Duration::from_millis(20) {
+            last_kick = Instant::now();
+            for (e, p) in probes.iter().enumerate() {
+                if p.kick_if_parked() {
+                    eprintln!(
+                        "loadgen: worker {index} executor {e} parked before it ran: woken with a signal"
+                    );
+                }
+            }
+            all_polled = probes.iter().all(|p| p.has_polled());
         }
         if last_print.elapsed() >= Duration::from_millis(250) {
             let mut total = Counters::default();

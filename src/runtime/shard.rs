@@ -421,6 +421,8 @@ pub struct ShardSeed {
     pub stop: Arc<AtomicBool>,
     /// Woken by the watchdog thread every heartbeat period.
     pub nudge: Arc<super::watchdog::Nudge>,
+    /// Tells the starter that this shard's root future ran (see `watchdog::StartProbe`).
+    pub start: Arc<super::watchdog::StartProbe>,
     /// Told once the shard serves (or failed to start).
     pub ready: std::sync::mpsc::Sender<Result<(), String>>,
 }
@@ -529,6 +531,7 @@ fn wake(slot: &RefCell<Option<Waker>>) {
 impl Shard {
     /// Runs a shard on the current (glommio) thread until the node stops.
     pub async fn run(seed: ShardSeed) {
+        seed.start.polled();
         // Give the watchdog a waker at once (see `Nudge::attach`).
         seed.nudge.attach().await;
         let ex = glommio::executor();

@@ -16,6 +16,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+/// Nudge period while executors start (see [`spawn`]'s `started`), whatever the heartbeat.
+pub const STARTUP_NUDGE_MS: u64 = 5;
+
 /// Progress counters one shard publishes for the watchdog. Written by the shard's own thread
 /// (relaxed atomics: only the watchdog and the metrics scrape read them).
 #[derive(Debug, Default)]
@@ -184,6 +187,140 @@ impl Nudge {
     }
 }
 
+/// The start of one executor, watched from outside it.
+///
+/// glommio 0.9 can park a new executor before it ever polls its root future: the loop arms
+/// a 500 µs preemption timer, and if the OS deschedules the thread for longer before the
+/// first `need_preempt()` check, `run_task_queues()` returns at once and the executor parks
+/// with its root task still queued. No task has run, so no waker exists for a [`Nudge`] to
+/// use, and the park lasts until unrelated I/O arrives. Measured on this 2-core box: about 1
+/// start in 300 (4 in 109 runs of `tests/messaging.rs`, 12 servers each), with the parked
+/// shard's peers spinning in `SharedSender::connect` for seconds to minutes.
+///
+/// The cure from outside: a signal. glommio treats `EINTR` from its sleeping
+/// `io_uring_enter` as a normal wake-up (`Reactor::intr_ok`), loops, and runs the root task.
+/// The starter calls [`StartProbe::kick_if_parked`] for each executor that has not polled
+/// its root future within a few milliseconds; it signals only a thread that is asleep, with
+/// `SIGURG` and a handler that does nothing (the signal Go's runtime uses to preempt threads,
+/// for the same reason: its default action is to ignore it, and nothing else sends it to a
+/// thread unless asked to).
+#[derive(Debug)]
+pub struct StartProbe {
+    /// How the executor thread's name starts as the kernel keeps it: glommio names the thread
+    /// `{name}-{executor id}`, and the kernel keeps at most 15 bytes.
+    comm: String,
+    polled: AtomicBool,
+    kicks: AtomicU64,
+}
+
+/// `io_uring_enter`'s syscall number on x86-64 and aarch64 alike.
+const SYS_IO_URING_ENTER: i64 = 426;
+
+impl StartProbe {
+    /// A probe for the executor built with `LocalExecutorBuilder::name(name)`. `name` must
+    /// not be a prefix of another executor's name followed by `-` (`gh-shard-1` and
+    /// `gh-shard-10` are fine), and should stay well under 15 bytes, the kernel's limit, so
+    /// that the thread's name still tells executors apart.
+    pub fn new(name: &str) -> Self {
+        StartProbe {
+            comm: format!("{name}-").chars().take(15).collect(),
+            polled: AtomicBool::new(false),
+            kicks: AtomicU64::new(0),
+        }
+    }
+
+    /// Call first thing in the root future.
+    pub fn polled(&self) {
+        self.polled.store(true, Ordering::Release);
+    }
+
+    /// Whether the root future has run.
+    pub fn has_polled(&self) -> bool {
+        self.polled.load(Ordering::Acquire)
+    }
+
+    /// Signals the executor's thread if its root future has not run yet and the thread is
+    /// asleep in `io_uring_enter` (a parked glommio executor; its blocking-pool threads
+    /// share the name but sleep in `futex`, and are left alone). Returns whether it did.
+    pub fn kick_if_parked(&self) -> bool {
+        if self.has_polled() {
+            return false;
+        }
+        let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
+            return false;
+        };
+        let mut sent = false;
+        for t in tasks.flatten() {
+            let path = t.path();
+            let same = std::fs::read_to_string(path.join("comm"))
+                .is_ok_and(|c| c.trim_end().starts_with(&self.comm));
+            if !same || !parked_in_uring(&path) {
+                continue;
+            }
+            let Some(tid) = t.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
+                continue;
+            };
+            install_kick_handler();
+            // SAFETY: tgkill to a thread of this process; SIGURG has a no-op handler
+            // (installed above), so at worst it interrupts a syscall, which glommio's sleep
+            // takes as a wake-up.
+            if unsafe { libc::tgkill(libc::getpid(), tid, libc::SIGURG) } == 0 {
+                self.kicks.fetch_add(1, Ordering::Relaxed);
+                sent = true;
+            }
+        }
+        sent
+    }
+
+    /// Signals sent so far.
+    pub fn kicks(&self) -> u64 {
+        self.kicks.load(Ordering::Relaxed)
+    }
+}
+
+/// Whether the thread at `task` (a `/proc/self/task/TID` path) sleeps in `io_uring_enter`.
+fn parked_in_uring(task: &std::path::Path) -> bool {
+    let sleeping = std::fs::read_to_string(task.join("stat"))
+        .ok()
+        .and_then(|s| s.rsplit_once(") ").map(|(_, rest)| rest.starts_with('S')))
+        .unwrap_or(false);
+    sleeping
+        && std::fs::read_to_string(task.join("syscall"))
+            .ok()
+            .and_then(|s| {
+                s.split_whitespace()
+                    .next()
+                    .and_then(|n| n.parse::<i64>().ok())
+            })
+            == Some(SYS_IO_URING_ENTER)
+}
+
+extern "C" fn ignore_kick(_: libc::c_int) {}
+
+/// Installs a do-nothing `SIGURG` handler once, without `SA_RESTART` (so a sleep returns
+/// `EINTR`), unless the process already has a handler of its own for it.
+fn install_kick_handler() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        // SAFETY: plain sigaction calls on zeroed structs; the handler is async-signal-safe
+        // (it does nothing).
+        unsafe {
+            let mut old: libc::sigaction = std::mem::zeroed();
+            if libc::sigaction(libc::SIGURG, std::ptr::null(), &mut old) != 0 {
+                return;
+            }
+            if old.sa_sigaction != libc::SIG_DFL && old.sa_sigaction != libc::SIG_IGN {
+                return; // someone's handler: it interrupts sleeps as well
+            }
+            let mut act: libc::sigaction = std::mem::zeroed();
+            act.sa_sigaction = ignore_kick as extern "C" fn(libc::c_int) as usize;
+            libc::sigemptyset(&mut act.sa_mask);
+            act.sa_flags = 0;
+            libc::sigaction(libc::SIGURG, &act, std::ptr::null_mut());
+        }
+    });
+}
+
 /// Runs the heartbeat of one executor: waits for each nudge and counts a beat. Spawn it on
 /// the executor (gateway shards and loadgen executors both do).
 pub async fn heartbeat(nudge: Arc<Nudge>, pulse: Arc<Pulse>) {
@@ -194,13 +331,16 @@ pub async fn heartbeat(nudge: Arc<Nudge>, pulse: Arc<Pulse>) {
 }
 
 /// Runs the watchdog on its own OS thread until `stop` is set: nudges every executor each
-/// `heartbeat_ms` (0: never) and checks for stalls every `threshold_ms / 4`.
+/// `heartbeat_ms` (0: never) and checks for stalls every `threshold_ms / 4`. With `started`,
+/// it also nudges every [`STARTUP_NUDGE_MS`] until that flag is set, whatever the heartbeat:
+/// start it before the executors, so that none can park unwoken while it starts.
 pub fn spawn(
     pulses: Vec<Arc<Pulse>>,
     nudges: Vec<Arc<Nudge>>,
     heartbeat_ms: u64,
     threshold_ms: u64,
     stop: Arc<AtomicBool>,
+    started: Option<Arc<AtomicBool>>,
 ) -> std::thread::JoinHandle<()> {
     std::thread::Builder::new()
         .name("gatehouse-watchdog".into())
@@ -218,8 +358,15 @@ pub fn spawn(
             };
             let mut last_check = Instant::now();
             while !stop.load(Ordering::Relaxed) {
-                std::thread::sleep(tick);
-                if heartbeat_ms > 0 {
+                // While the executors start, nudge often whatever the heartbeat: a start
+                // that parks with its channel connects queued would otherwise wait for I/O.
+                let starting = started.as_ref().is_some_and(|s| !s.load(Ordering::Relaxed));
+                std::thread::sleep(if starting {
+                    tick.min(Duration::from_millis(STARTUP_NUDGE_MS))
+                } else {
+                    tick
+                });
+                if heartbeat_ms > 0 || starting {
                     nudges.iter().for_each(|n| n.nudge());
                 }
                 if last_check.elapsed() < check_every {
