@@ -158,3 +158,36 @@ fn a_start_probe_signals_only_an_executor_parked_before_it_ran() {
     drop(hold);
     other.join().unwrap();
 }
+
+/// A task cancelled while its blocking job runs (the syncer at shutdown) must not let the
+/// executor exit before the job's result comes back: glommio 0.9's pool thread panics
+/// ("failed to send response") when the executor is gone.
+#[test]
+fn an_executor_outlives_the_blocking_job_of_a_cancelled_task() {
+    use std::sync::atomic::AtomicBool;
+    use std::sync::Arc;
+    let done = Arc::new(AtomicBool::new(false));
+    let d = done.clone();
+    let ex = glommio::LocalExecutorBuilder::new(glommio::Placement::Unbound)
+        .io_memory(64 * 1024)
+        .spawn(move || async move {
+            let task = glommio::spawn_local(async move {
+                gatehouse::runtime::blocking(move || {
+                    std::thread::sleep(Duration::from_millis(300));
+                    d.store(true, Ordering::SeqCst);
+                })
+                .await
+            });
+            glommio::timer::sleep(Duration::from_millis(20)).await;
+            task.cancel().await;
+            let idle = gatehouse::runtime::blocking_idle(Duration::from_secs(10)).await;
+            (idle, done.load(Ordering::SeqCst))
+        })
+        .unwrap();
+    let (idle, finished) = ex.join().unwrap();
+    assert!(idle, "blocking_idle gave up");
+    assert!(
+        finished,
+        "the executor went on before the cancelled task's job ended"
+    );
+}

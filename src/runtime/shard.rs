@@ -704,6 +704,14 @@ impl Shard {
         for t in cross {
             t.cancel();
         }
+        // A cancelled syncer or committer may have left a job on the blocking pool: the
+        // executor must outlive it (see `runtime::blocking`).
+        if !super::blocking_idle(Duration::from_secs(10)).await {
+            tracing::warn!(
+                shard = shard.id.0,
+                "shutdown: a store job still runs after 10 s; exiting without its result"
+            );
+        }
     }
 
     /// Drains a shard (the acceptor is already stopped): GO_AWAY(shutdown) to its
