@@ -13,9 +13,12 @@
 //!   `'p' | user:u64` → `last_seen_ms:u64 flags:u8` (presence: when the user was last online,
 //!   bit 0 = hide last-seen); `'b' | blocker:u64 | blocked:u64` → empty (a block);
 //!   `'g' | group:u64` → `(user:u64 role:u8)*` (the members of a group this shard owns);
-//!   `'B' | group_msg_id:u64` → `refs:u32 body` (a group message's body of at least
-//!   `limits::GROUP_BODY_SHARED_MIN_BYTES`, stored once per shard: each member's queue item on
-//!   this shard refers to it, and the last delete removes it).
+//!   `'D' | group_msg_id:u64` → `body` and `'R' | group_msg_id:u64` → `refs:u32` (a group
+//!   message's body of at least `limits::GROUP_BODY_SHARED_MIN_BYTES`, stored once per shard:
+//!   each member's queue item on this shard refers to it, and the last delete removes both).
+//!   The count has a record of its own so that an acknowledgement rewrites 4 bytes, not the
+//!   body. Before that, `'B' | group_msg_id:u64` → `refs:u32 body`; [`Store::open`] converts
+//!   such records.
 
 use std::collections::hash_map::Entry;
 use std::collections::HashMap;
@@ -385,6 +388,16 @@ pub struct QueueLimits {
     pub receipts_max: u32,
 }
 
+/// A shared group body's reference count within one write transaction.
+struct BodyRefs {
+    /// References after this transaction's ops so far.
+    refs: u32,
+    /// The record exists in the store (as of the transaction's start).
+    stored: bool,
+    /// The body to store with the record when it is new.
+    new_body: Option<Bytes>,
+}
+
 /// One shard's store. Cheap to clone; `Send + Sync`, so a clone moves into the blocking
 /// commit closure.
 #[derive(Clone)]
@@ -411,10 +424,20 @@ fn presence_key(user: UserId) -> [u8; 9] {
 
 fn body_key(msg_id: ServerMsgId) -> [u8; 9] {
     let mut k = [0u8; 9];
-    k[0] = b'B';
+    k[0] = b'D';
     k[1..].copy_from_slice(&msg_id.0.to_be_bytes());
     k
 }
+
+fn body_refs_key(msg_id: ServerMsgId) -> [u8; 9] {
+    let mut k = [0u8; 9];
+    k[0] = b'R';
+    k[1..].copy_from_slice(&msg_id.0.to_be_bytes());
+    k
+}
+
+/// Prefix of shared group bodies as the first builds stored them: `refs:u32 body` in one record.
+const LEGACY_BODY_PREFIX: u8 = b'B';
 
 fn group_key(group: u64) -> [u8; 9] {
     let mut k = [0u8; 9];
@@ -546,6 +569,28 @@ impl Store {
         })?;
         meta.put(&mut wtxn, b"epoch", &epoch.to_be_bytes())
             .map_err(lmdb)?;
+        // Shared group bodies of the first format: split each into body and count.
+        let legacy = meta
+            .prefix_iter(&wtxn, &[LEGACY_BODY_PREFIX])
+            .map_err(lmdb)?
+            .map(|r| r.map(|(k, v)| (k.to_vec(), v.to_vec())))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(lmdb)?;
+        for (k, v) in legacy {
+            let id = k
+                .get(1..9)
+                .filter(|_| k.len() == 9 && v.len() >= 4)
+                .and_then(|b| b.try_into().ok())
+                .map(|b| ServerMsgId(u64::from_be_bytes(b)))
+                .ok_or(StoreError::Corrupt {
+                    path: path.clone(),
+                    why: "group message body (first format)",
+                })?;
+            meta.put(&mut wtxn, &body_refs_key(id), &v[..4])
+                .map_err(lmdb)?;
+            meta.put(&mut wtxn, &body_key(id), &v[4..]).map_err(lmdb)?;
+            meta.delete(&mut wtxn, &k).map_err(lmdb)?;
+        }
         wtxn.commit().map_err(lmdb)?;
         // The epoch must be on disk before any id of this epoch can be acknowledged.
         env.force_sync().map_err(lmdb)?;
@@ -576,6 +621,9 @@ impl Store {
         // queue goes 0 → 1 → 0 within a batch (an online member, appended then acknowledged)
         // would otherwise insert and delete its count record each time.
         let mut counts: HashMap<UserId, (u32, u32)> = HashMap::new();
+        // Shared group bodies' reference counts, likewise: a fan-out appends every member of
+        // this shard in one batch, and acknowledgements come in batches.
+        let mut bodies: HashMap<ServerMsgId, BodyRefs> = HashMap::new();
         for op in ops {
             let outcome = match op {
                 Op::Append { user, id, item } => {
@@ -591,12 +639,11 @@ impl Store {
                         let value = match item {
                             // The body once per shard: the first member's append stores it,
                             // every append counts a reference, the queue item is the header.
-                            // Small bodies stay inline: the reference costs a read and a
-                            // write of the body record per member, more than copying them.
+                            // Tiny bodies stay inline (see the limit).
                             Item::GroupMessage { msg_id, body, .. }
                                 if body.len() >= crate::limits::GROUP_BODY_SHARED_MIN_BYTES =>
                             {
-                                self.body_ref(&mut wtxn, *msg_id, Some(body))?;
+                                self.body_ref(&wtxn, &mut bodies, *msg_id, Some(body))?;
                                 let mut v = item.encode();
                                 v.truncate(37);
                                 v[0] = ITEM_GROUP_MESSAGE_REF;
@@ -636,7 +683,7 @@ impl Store {
                                         path: self.path.clone(),
                                         why: "group message reference",
                                     })?;
-                                self.body_ref(&mut wtxn, ServerMsgId(id), None)?;
+                                self.body_ref(&wtxn, &mut bodies, ServerMsgId(id), None)?;
                             }
                             let (msgs, rcpts) = self.counts_in(&wtxn, &mut counts, *user)?;
                             if kind == ITEM_RECEIPT || kind == ITEM_GROUP_RECEIPT {
@@ -702,6 +749,7 @@ impl Store {
         for (user, (msgs, rcpts)) in counts {
             self.put_counts(&mut wtxn, &count_key(user), msgs, rcpts)?;
         }
+        self.put_body_refs(&mut wtxn, bodies)?;
         wtxn.commit().map_err(|e| self.err(e))?;
         Ok(out)
     }
@@ -721,48 +769,96 @@ impl Store {
     }
 
     /// Counts a reference to group message `msg_id`'s body (`Some(body)`: a new member item,
-    /// storing the body on the first) or drops one (`None`: a member item deleted, removing the
-    /// body with the last).
+    /// storing the body with the first) or drops one (`None`: a member item deleted, removing
+    /// the body with the last), in this transaction's overlay: the body record is read at most
+    /// once here and written once by [`Self::put_body_refs`], however many members one batch
+    /// appends or acknowledges.
     fn body_ref(
         &self,
-        txn: &mut heed::RwTxn,
+        txn: &heed::RoTxn,
+        overlay: &mut HashMap<ServerMsgId, BodyRefs>,
         msg_id: ServerMsgId,
         body: Option<&Bytes>,
     ) -> Result<(), StoreError> {
-        let key = body_key(msg_id);
-        let current = self
-            .meta
-            .get(txn, &key)
-            .map_err(|e| self.err(e))?
-            .map(|v| v.to_vec());
-        match (current, body) {
-            (None, Some(body)) => {
-                let mut v = Vec::with_capacity(4 + body.len());
-                v.extend_from_slice(&1u32.to_be_bytes());
-                v.extend_from_slice(body);
-                self.meta.put(txn, &key, &v).map_err(|e| self.err(e))
-            }
-            (Some(mut v), add) if v.len() >= 4 => {
-                let refs = u32::from_be_bytes(v[..4].try_into().expect("4 bytes"));
-                let refs = if add.is_some() {
-                    refs + 1
-                } else {
-                    refs.saturating_sub(1)
+        let rec = match overlay.entry(msg_id) {
+            Entry::Occupied(e) => e.into_mut(),
+            Entry::Vacant(e) => {
+                let stored = self
+                    .meta
+                    .get(txn, &body_refs_key(msg_id))
+                    .map_err(|e| self.err(e))?;
+                let refs = match stored {
+                    None => None,
+                    Some(v) if v.len() == 4 => {
+                        Some(u32::from_be_bytes(v.try_into().expect("4 bytes")))
+                    }
+                    Some(_) => {
+                        return Err(StoreError::Corrupt {
+                            path: self.path.clone(),
+                            why: "group message body",
+                        })
+                    }
                 };
-                if refs == 0 {
-                    self.meta.delete(txn, &key).map_err(|e| self.err(e))?;
-                    Ok(())
-                } else {
-                    v[..4].copy_from_slice(&refs.to_be_bytes());
-                    self.meta.put(txn, &key, &v).map_err(|e| self.err(e))
+                e.insert(BodyRefs {
+                    refs: refs.unwrap_or(0),
+                    stored: refs.is_some(),
+                    new_body: None,
+                })
+            }
+        };
+        match body {
+            Some(b) => {
+                if !rec.stored && rec.new_body.is_none() {
+                    rec.new_body = Some(b.clone());
+                }
+                rec.refs += 1;
+            }
+            // Defensive: references never go below 0 (a record already gone stays gone).
+            None => rec.refs = rec.refs.saturating_sub(1),
+        }
+        Ok(())
+    }
+
+    /// Writes the body reference counts of one transaction (see [`Self::body_ref`]): a body
+    /// whose count reached 0 is deleted with its count, a new one is stored with its count, and
+    /// an existing one gets its new count (4 bytes; the body is not rewritten).
+    fn put_body_refs(
+        &self,
+        txn: &mut heed::RwTxn,
+        overlay: HashMap<ServerMsgId, BodyRefs>,
+    ) -> Result<(), StoreError> {
+        let mut recs: Vec<_> = overlay.into_iter().collect();
+        recs.sort_unstable_by_key(|(id, _)| *id);
+        let err = |e| self.err(e);
+        for (msg_id, rec) in recs {
+            let (bkey, rkey) = (body_key(msg_id), body_refs_key(msg_id));
+            match (rec.refs, rec.stored, rec.new_body) {
+                (0, true, _) => {
+                    self.meta.delete(txn, &rkey).map_err(err)?;
+                    self.meta.delete(txn, &bkey).map_err(err)?;
+                }
+                (0, false, _) => {}
+                (refs, true, _) => {
+                    self.meta
+                        .put(txn, &rkey, &refs.to_be_bytes())
+                        .map_err(err)?;
+                }
+                (refs, false, Some(body)) => {
+                    self.meta
+                        .put(txn, &rkey, &refs.to_be_bytes())
+                        .map_err(err)?;
+                    self.meta.put(txn, &bkey, &body).map_err(err)?;
+                }
+                // Not reachable: an append adds its body with its first reference.
+                (_, false, None) => {
+                    return Err(StoreError::Corrupt {
+                        path: self.path.clone(),
+                        why: "group message reference without a body",
+                    })
                 }
             }
-            (None, None) => Ok(()), // already gone (defensive: refs never go below 0)
-            (Some(_), _) => Err(StoreError::Corrupt {
-                path: self.path.clone(),
-                why: "group message body",
-            }),
         }
+        Ok(())
     }
 
     /// A stored queue value as an item; group messages get their body from the shard's copy.
@@ -777,11 +873,11 @@ impl Store {
                 .meta
                 .get(txn, &body_key(msg_id))
                 .map_err(|e| self.err(e))?
-                .filter(|b| b.len() >= 4)
                 .ok_or_else(corrupt)?;
-            let mut inline = v.to_vec();
+            let mut inline = Vec::with_capacity(v.len() + body.len());
+            inline.extend_from_slice(v);
             inline[0] = ITEM_GROUP_MESSAGE;
-            inline.extend_from_slice(&body[4..]);
+            inline.extend_from_slice(body);
             return Item::decode(&inline).ok_or_else(corrupt);
         }
         Item::decode(v).ok_or_else(corrupt)
@@ -959,6 +1055,16 @@ impl Store {
         Ok((st.entries as u64, st.non_free_page_size() as u64))
     }
 
+    /// Bytes of B-tree pages (branch, leaf and overflow) the queue and the metadata table use
+    /// together: queue items, shared group bodies, counts, presence, groups and blocks. Free
+    /// pages are not counted. A read snapshot.
+    pub fn stored_bytes(&self) -> Result<u64, StoreError> {
+        let rtxn = self.env.read_txn().map_err(|e| self.err(e))?;
+        let q = self.queue.stat(&rtxn).map_err(|e| self.err(e))?;
+        let m = self.meta.stat(&rtxn).map_err(|e| self.err(e))?;
+        Ok((q.non_free_page_size() + m.non_free_page_size()) as u64)
+    }
+
     /// Messages and receipts queued for `user`.
     pub fn queue_counts(&self, user: UserId) -> Result<(u32, u32), StoreError> {
         let rtxn = self.env.read_txn().map_err(|e| self.err(e))?;
@@ -981,6 +1087,19 @@ mod tests {
             sender_device: DeviceId(1),
             ts_ms: 5,
             body: Bytes::from(vec![n; 3]),
+        }
+    }
+
+    /// A shared body's reference count and length; `None` when neither record exists (one
+    /// without the other fails the test).
+    fn body_record(s: &Store, msg_id: ServerMsgId) -> Option<(u32, usize)> {
+        let rtxn = s.env.read_txn().unwrap();
+        let refs = s.meta.get(&rtxn, &body_refs_key(msg_id)).unwrap();
+        let body = s.meta.get(&rtxn, &body_key(msg_id)).unwrap();
+        match (refs, body) {
+            (Some(r), Some(b)) => Some((u32::from_be_bytes(r.try_into().unwrap()), b.len())),
+            (None, None) => None,
+            other => panic!("a body record without its count, or the reverse: {other:?}"),
         }
     }
 
@@ -1032,13 +1151,7 @@ mod tests {
                 OpOutcome::QueueFull
             ]
         );
-        let refs = |s: &Store| {
-            let rtxn = s.env.read_txn().unwrap();
-            s.meta
-                .get(&rtxn, &body_key(ServerMsgId(77)))
-                .unwrap()
-                .map(|v| (u32::from_be_bytes(v[..4].try_into().unwrap()), v.len() - 4))
-        };
+        let refs = |s: &Store| body_record(s, ServerMsgId(77));
         // One copy of the body, two references; each member reads the whole message.
         assert_eq!(refs(&store), Some((2, 10_000)));
         for u in [10, 20] {
@@ -1069,6 +1182,66 @@ mod tests {
             )
             .unwrap();
         assert_eq!(refs(&store), None, "the last delete frees the body");
+    }
+
+    #[test]
+    fn body_references_follow_appends_and_deletes_within_one_transaction() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), ShardId(0), 1, 16, SyncPolicy::None)
+            .unwrap()
+            .store;
+        let limits = QueueLimits {
+            messages_max: 10,
+            receipts_max: 10,
+        };
+        let group_msg = |m: u64| Item::GroupMessage {
+            group: 5,
+            msg_id: ServerMsgId(m),
+            sender: UserId(1),
+            sender_device: DeviceId(2),
+            ts_ms: 3,
+            body: Bytes::from(vec![m as u8; 600]),
+        };
+        let append = |u: u64, id: u64, m: u64| Op::Append {
+            user: UserId(u),
+            id: ServerMsgId(id),
+            item: group_msg(m),
+        };
+        let delete = |u: u64, id: u64| Op::Delete {
+            user: UserId(u),
+            id: ServerMsgId(id),
+        };
+        let refs = |m: u64| body_record(&store, ServerMsgId(m));
+        // Message 1: three members appended and one acknowledged in one batch. Message 2:
+        // appended and acknowledged by both members in one batch, never written at all.
+        let ops = [
+            append(10, 1, 1),
+            append(20, 2, 1),
+            append(10, 3, 2),
+            delete(10, 1),
+            append(30, 4, 1),
+            append(20, 5, 2),
+            delete(10, 3),
+            delete(20, 5),
+        ];
+        store.apply(&ops, limits).unwrap();
+        assert_eq!(refs(1), Some((2, 600)));
+        assert_eq!(refs(2), None);
+        // A stored body: one more member and both earlier ones gone, in one batch.
+        store
+            .apply(&[append(40, 6, 1), delete(20, 2), delete(30, 4)], limits)
+            .unwrap();
+        assert_eq!(refs(1), Some((1, 600)));
+        assert_eq!(
+            store.read_queue(UserId(40), None, 10).unwrap(),
+            vec![(ServerMsgId(6), group_msg(1))]
+        );
+        // The last one, with a delete of an absent item beside it.
+        store
+            .apply(&[delete(40, 6), delete(40, 6)], limits)
+            .unwrap();
+        assert_eq!(refs(1), None, "the last delete frees the body");
+        assert_eq!(store.queue_stats().unwrap().0, 0);
     }
 
     #[test]
@@ -1241,6 +1414,76 @@ mod tests {
             .err()
             .unwrap();
         assert!(err.to_string().contains("server.shards = 2"), "{err}");
+    }
+
+    #[test]
+    fn shared_bodies_of_the_first_format_are_converted_on_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let msg_id = ServerMsgId(77);
+        let item = Item::GroupMessage {
+            group: 5,
+            msg_id,
+            sender: UserId(1),
+            sender_device: DeviceId(2),
+            ts_ms: 3,
+            body: Bytes::from(vec![7u8; 700]),
+        };
+        {
+            let store = Store::open(dir.path(), ShardId(0), 1, 16, SyncPolicy::None)
+                .unwrap()
+                .store;
+            let ops: Vec<Op> = [10, 20]
+                .iter()
+                .map(|u| Op::Append {
+                    user: UserId(*u),
+                    id: ServerMsgId(100 + u),
+                    item: item.clone(),
+                })
+                .collect();
+            store.apply(&ops, LIMITS).unwrap();
+            // Rewrite the body as the first builds stored it: one record, count first.
+            let mut wtxn = store.env.write_txn().unwrap();
+            store
+                .meta
+                .delete(&mut wtxn, &body_refs_key(msg_id))
+                .unwrap();
+            store.meta.delete(&mut wtxn, &body_key(msg_id)).unwrap();
+            let mut legacy_key = body_key(msg_id);
+            legacy_key[0] = LEGACY_BODY_PREFIX;
+            let mut v = 2u32.to_be_bytes().to_vec();
+            v.extend_from_slice(&[7u8; 700]);
+            store.meta.put(&mut wtxn, &legacy_key, &v).unwrap();
+            wtxn.commit().unwrap();
+        }
+        let store = Store::open(dir.path(), ShardId(0), 1, 16, SyncPolicy::None)
+            .unwrap()
+            .store;
+        assert_eq!(body_record(&store, msg_id), Some((2, 700)));
+        assert_eq!(
+            store.read_queue(UserId(10), None, 10).unwrap(),
+            vec![(ServerMsgId(110), item.clone())]
+        );
+        for u in [10, 20] {
+            store
+                .apply(
+                    &[Op::Delete {
+                        user: UserId(u),
+                        id: ServerMsgId(100 + u),
+                    }],
+                    LIMITS,
+                )
+                .unwrap();
+        }
+        assert_eq!(body_record(&store, msg_id), None);
+        let rtxn = store.env.read_txn().unwrap();
+        assert_eq!(
+            store
+                .meta
+                .prefix_iter(&rtxn, &[LEGACY_BODY_PREFIX])
+                .unwrap()
+                .count(),
+            0
+        );
     }
 
     #[test]
