@@ -153,5 +153,8 @@ pub const GROUP_TALLIES_MAX: usize = 65_536;
 /// refer to them); smaller ones are copied into each member's item, which costs less than the
 /// reference count's read and write per member.
 pub const GROUP_BODY_SHARED_MIN_BYTES: usize = 512;
+/// Shared group bodies of the first on-disk format converted per transaction when a store
+/// opens (see `store`).
+pub const LEGACY_BODIES_PER_TXN: usize = 1_000;
 /// Group member lists one shard keeps in memory (the store holds them all).
 pub const GROUP_CACHE_MAX: usize = 65_536;

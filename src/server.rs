@@ -320,10 +320,10 @@ pub fn start(config: Config) -> anyhow::Result<ServerHandle> {
         }
     }
     let mut stop_watchdog = StopOnDrop(Some(watchdog_stop.clone()));
-    // Shard threads are named `gh-shard-N-ID` (glommio adds its executor id): the kernel
-    // keeps 15 bytes of a thread's name, and the start probe finds each shard's thread by it.
+    // Shard threads are named `gh-shard-N-ID` (glommio adds its executor id; the kernel keeps
+    // 15 bytes of it). The start probe finds each shard's thread by that name.
     let names: Vec<String> = (0..shards).map(|i| format!("gh-shard-{i}")).collect();
-    let probes: Vec<Arc<StartProbe>> = names.iter().map(|n| Arc::new(StartProbe::new(n))).collect();
+    let probes: Vec<Arc<StartProbe>> = (0..shards).map(|_| Arc::new(StartProbe::new())).collect();
     let cpus = allowed_cpus();
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
     let mut handles = Vec::with_capacity(shards);
@@ -372,6 +372,7 @@ pub fn start(config: Config) -> anyhow::Result<ServerHandle> {
             .blocking_thread_pool_placement(PoolPlacement::Unbound(1))
             .spawn(move || Shard::run(seed))
             .map_err(|e| anyhow::anyhow!("starting shard {i} on CPU {cpu}: {e}"))?;
+        probes[i].set_thread(handle.thread());
         handles.push(handle);
     }
     drop(ready_tx);

@@ -119,23 +119,31 @@ fn a_panic_in_a_blocking_call_reaches_the_shard_instead_of_hanging_it() {
 fn a_start_probe_signals_only_an_executor_parked_before_it_ran() {
     use gatehouse::runtime::watchdog::StartProbe;
     use std::sync::Arc;
-    let probe = Arc::new(StartProbe::new("gh-probe-test"));
-    let (tx, rx) = std::sync::mpsc::channel();
-    let ex = glommio::LocalExecutorBuilder::new(glommio::Placement::Unbound)
-        .name("gh-probe-test")
-        .io_memory(64 * 1024)
-        .spawn(move || async move {
-            // Stands for an executor that parked before its root future ran: asleep in
-            // io_uring_enter, and the probe not told.
-            glommio::timer::sleep(Duration::from_millis(700)).await;
-            let _ = tx.send(());
-        })
-        .unwrap();
-    // A thread with the same name asleep elsewhere (like glommio's blocking pool, in futex)
-    // is left alone. glommio names the executor's threads `{name}-{executor id}`.
+    let probe = Arc::new(StartProbe::new());
+    let sleeper = |name: &str| {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let ex = glommio::LocalExecutorBuilder::new(glommio::Placement::Unbound)
+            .name(name)
+            .io_memory(64 * 1024)
+            .spawn(move || async move {
+                // Stands for an executor that parked before its root future ran: asleep in
+                // io_uring_enter, and the probe not told.
+                glommio::timer::sleep(Duration::from_millis(700)).await;
+                let _ = tx.send(());
+            })
+            .unwrap();
+        (ex, rx)
+    };
+    let (ex, rx) = sleeper("gh-probe");
+    assert!(!probe.kick_if_parked(), "no thread given yet");
+    probe.set_thread(ex.thread());
+    // Another executor of the same name (another node in this process: glommio names the
+    // thread `{name}-{executor id}`) and a thread with exactly the executor's name asleep
+    // elsewhere (like glommio's blocking pool, in futex) are left alone.
+    let (ex2, rx2) = sleeper("gh-probe");
     let (hold, held) = std::sync::mpsc::channel::<()>();
     let other = std::thread::Builder::new()
-        .name("gh-probe-test-0".into())
+        .name(ex.thread().name().unwrap().to_string())
         .spawn(move || {
             let _ = held.recv();
         })
@@ -155,6 +163,8 @@ fn a_start_probe_signals_only_an_executor_parked_before_it_ran() {
     rx.recv_timeout(Duration::from_secs(10))
         .expect("the executor did not survive the signal");
     ex.join().unwrap();
+    rx2.recv_timeout(Duration::from_secs(10)).unwrap();
+    ex2.join().unwrap();
     drop(hold);
     other.join().unwrap();
 }

@@ -1390,8 +1390,10 @@ pub fn run(args: RunArgs, index: usize, workers: usize) -> anyhow::Result<()> {
     let mut handles = Vec::new();
     // An executor that parks before its root future runs is woken with a signal by the loop
     // below (see `StartProbe`; the gateway's shards have the same defense).
-    let names: Vec<String> = (0..cores).map(|e| format!("loadgen-{index}-{e}")).collect();
-    let probes: Vec<Arc<StartProbe>> = names.iter().map(|n| Arc::new(StartProbe::new(n))).collect();
+    // Short, so that glommio's `-ID` suffix stays within the kernel's 15 bytes (the probe
+    // finds the thread by that name).
+    let names: Vec<String> = (0..cores).map(|e| format!("lg-{index}-{e}")).collect();
+    let probes: Vec<Arc<StartProbe>> = (0..cores).map(|_| Arc::new(StartProbe::new())).collect();
     for e in 0..cores {
         let (pulse, nudge) = (pulses[e].clone(), nudges[e].clone());
         let probe = probes[e].clone();
@@ -1436,6 +1438,7 @@ pub fn run(args: RunArgs, index: usize, workers: usize) -> anyhow::Result<()> {
                 run_exec(ex, ptx).await
             })
             .map_err(|e| anyhow::anyhow!("starting executor: {e}"))?;
+        probes[e].set_thread(h.thread());
         handles.push(h);
     }
     drop(ptx);
@@ -1444,7 +1447,7 @@ pub fn run(args: RunArgs, index: usize, workers: usize) -> anyhow::Result<()> {
     let mut latest: HashMap<usize, Counters> = HashMap::new();
     let mut interval = histogram();
     let mut last_print = Instant::now();
-    let (mut all_polled, mut last_kick) = (false, Instant::now());
+    let (mut all_polled, mut last_kick, started_at) = (false, Instant::now(), Instant::now());
     loop {
         match prx.recv_timeout(Duration::from_millis(50)) {
             Ok((executor, counters, h)) => {
@@ -1454,7 +1457,11 @@ pub fn run(args: RunArgs, index: usize, workers: usize) -> anyhow::Result<()> {
             Err(mpsc::RecvTimeoutError::Disconnected) => break,
             Err(mpsc::RecvTimeoutError::Timeout) => {}
         }
-        if !all_polled && last_kick.elapsed() >= Duration::from_millis(20) {
+        // Bounded: an executor that died before its first poll ends the run anyway.
+        if !all_polled
+            && last_kick.elapsed() >= Duration::from_millis(20)
+            && started_at.elapsed() < Duration::from_secs(30)
+        {
             last_kick = Instant::now();
             for (e, p) in probes.iter().enumerate() {
                 if p.kick_if_parked() {

@@ -695,22 +695,23 @@ impl Shard {
         {
             glommio::timer::sleep(Duration::from_millis(5)).await;
         }
-        for t in [sweeper, heartbeat, syncer, committer]
-            .into_iter()
-            .chain(control)
-        {
+        for t in [syncer, committer] {
             t.cancel().await;
         }
-        for t in cross {
-            t.cancel();
-        }
         // A cancelled syncer or committer may have left a job on the blocking pool: the
-        // executor must outlive it (see `runtime::blocking`).
+        // executor must outlive it (see `runtime::blocking`). The heartbeat still runs, so
+        // this wait's timer cannot strand the executor in a park (glommio 0.9).
         if !super::blocking_idle(Duration::from_secs(10)).await {
             tracing::warn!(
                 shard = shard.id.0,
                 "shutdown: a store job still runs after 10 s; exiting without its result"
             );
+        }
+        for t in [sweeper, heartbeat].into_iter().chain(control) {
+            t.cancel().await;
+        }
+        for t in cross {
+            t.cancel();
         }
     }
 

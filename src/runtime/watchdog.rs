@@ -199,16 +199,19 @@ impl Nudge {
 ///
 /// The cure from outside: a signal. glommio treats `EINTR` from its sleeping
 /// `io_uring_enter` as a normal wake-up (`Reactor::intr_ok`), loops, and runs the root task.
-/// The starter calls [`StartProbe::kick_if_parked`] for each executor that has not polled
-/// its root future within a few milliseconds; it signals only a thread that is asleep, with
+/// The starter gives each probe its executor's thread ([`StartProbe::set_thread`], right
+/// after the spawn) and calls [`StartProbe::kick_if_parked`] for each executor that has not
+/// polled its root future within a few milliseconds; it signals only a thread that is asleep,
+/// with
 /// `SIGURG` and a handler that does nothing (the signal Go's runtime uses to preempt threads,
 /// for the same reason: its default action is to ignore it, and nothing else sends it to a
 /// thread unless asked to).
-#[derive(Debug)]
+#[derive(Debug, Default)]
 pub struct StartProbe {
-    /// How the executor thread's name starts as the kernel keeps it: glommio names the thread
-    /// `{name}-{executor id}`, and the kernel keeps at most 15 bytes.
-    comm: String,
+    /// The executor thread's name as the kernel keeps it (at most 15 bytes). glommio names it
+    /// `{name}-{executor id}`, ids being unique in the process, so nodes started side by side
+    /// in one process (the tests) are told apart; its blocking-pool threads share the name.
+    comm: std::sync::OnceLock<String>,
     polled: AtomicBool,
     kicks: AtomicU64,
 }
@@ -217,16 +220,16 @@ pub struct StartProbe {
 const SYS_IO_URING_ENTER: i64 = 426;
 
 impl StartProbe {
-    /// A probe for the executor built with `LocalExecutorBuilder::name(name)`. `name` must
-    /// not be a prefix of another executor's name followed by `-` (`gh-shard-1` and
-    /// `gh-shard-10` are fine), and should stay well under 15 bytes, the kernel's limit, so
-    /// that the thread's name still tells executors apart.
-    pub fn new(name: &str) -> Self {
-        StartProbe {
-            comm: format!("{name}-").chars().take(15).collect(),
-            polled: AtomicBool::new(false),
-            kicks: AtomicU64::new(0),
-        }
+    /// A probe with no thread yet.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Tells the probe the executor's thread (`ExecutorJoinHandle::thread`). Keep executor
+    /// names short (the kernel keeps 15 bytes of `{name}-{id}`), so that ids stay in them.
+    pub fn set_thread(&self, thread: &std::thread::Thread) {
+        let name: String = thread.name().unwrap_or_default().chars().take(15).collect();
+        let _ = self.comm.set(name);
     }
 
     /// Call first thing in the root future.
@@ -243,6 +246,9 @@ impl StartProbe {
     /// asleep in `io_uring_enter` (a parked glommio executor; its blocking-pool threads
     /// share the name but sleep in `futex`, and are left alone). Returns whether it did.
     pub fn kick_if_parked(&self) -> bool {
+        let Some(comm) = self.comm.get().filter(|c| !c.is_empty()) else {
+            return false;
+        };
         if self.has_polled() {
             return false;
         }
@@ -252,8 +258,8 @@ impl StartProbe {
         let mut sent = false;
         for t in tasks.flatten() {
             let path = t.path();
-            let same = std::fs::read_to_string(path.join("comm"))
-                .is_ok_and(|c| c.trim_end().starts_with(&self.comm));
+            let same =
+                std::fs::read_to_string(path.join("comm")).is_ok_and(|c| c.trim_end() == comm);
             if !same || !parked_in_uring(&path) {
                 continue;
             }
@@ -261,6 +267,9 @@ impl StartProbe {
                 continue;
             };
             install_kick_handler();
+            if self.has_polled() {
+                break; // it started meanwhile
+            }
             // SAFETY: tgkill to a thread of this process; SIGURG has a no-op handler
             // (installed above), so at worst it interrupts a syscall, which glommio's sleep
             // takes as a wake-up.
@@ -279,20 +288,32 @@ impl StartProbe {
 }
 
 /// Whether the thread at `task` (a `/proc/self/task/TID` path) sleeps in `io_uring_enter`.
+/// Where `syscall` cannot be read (a non-dumpable process, such as a binary given file
+/// capabilities, has it owned by root), any sleep counts: a stray `SIGURG` only interrupts a
+/// syscall, and glommio, std and LMDB retry those.
 fn parked_in_uring(task: &std::path::Path) -> bool {
     let sleeping = std::fs::read_to_string(task.join("stat"))
         .ok()
         .and_then(|s| s.rsplit_once(") ").map(|(_, rest)| rest.starts_with('S')))
         .unwrap_or(false);
-    sleeping
-        && std::fs::read_to_string(task.join("syscall"))
-            .ok()
-            .and_then(|s| {
-                s.split_whitespace()
-                    .next()
-                    .and_then(|n| n.parse::<i64>().ok())
-            })
-            == Some(SYS_IO_URING_ENTER)
+    if !sleeping {
+        return false;
+    }
+    match std::fs::read_to_string(task.join("syscall")) {
+        Ok(s) => {
+            s.split_whitespace()
+                .next()
+                .and_then(|n| n.parse::<i64>().ok())
+                == Some(SYS_IO_URING_ENTER)
+        }
+        Err(e) => {
+            static WARNED: std::sync::Once = std::sync::Once::new();
+            WARNED.call_once(|| {
+                tracing::warn!(error = %e, "start probe: cannot read /proc/self/task/*/syscall; a sleeping executor that has not started is signalled whatever it waits in");
+            });
+            true
+        }
+    }
 }
 
 extern "C" fn ignore_kick(_: libc::c_int) {}
@@ -310,7 +331,9 @@ fn install_kick_handler() {
                 return;
             }
             if old.sa_sigaction != libc::SIG_DFL && old.sa_sigaction != libc::SIG_IGN {
-                return; // someone's handler: it interrupts sleeps as well
+                // Someone's handler: it interrupts sleeps as well, but it runs on each kick.
+                tracing::warn!("start probe: SIGURG already has a handler; it runs when a parked executor is woken");
+                return;
             }
             let mut act: libc::sigaction = std::mem::zeroed();
             act.sa_sigaction = ignore_kick as extern "C" fn(libc::c_int) as usize;

@@ -569,29 +569,40 @@ impl Store {
         })?;
         meta.put(&mut wtxn, b"epoch", &epoch.to_be_bytes())
             .map_err(lmdb)?;
-        // Shared group bodies of the first format: split each into body and count.
-        let legacy = meta
-            .prefix_iter(&wtxn, &[LEGACY_BODY_PREFIX])
-            .map_err(lmdb)?
-            .map(|r| r.map(|(k, v)| (k.to_vec(), v.to_vec())))
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(lmdb)?;
-        for (k, v) in legacy {
-            let id = k
-                .get(1..9)
-                .filter(|_| k.len() == 9 && v.len() >= 4)
-                .and_then(|b| b.try_into().ok())
-                .map(|b| ServerMsgId(u64::from_be_bytes(b)))
-                .ok_or(StoreError::Corrupt {
-                    path: path.clone(),
-                    why: "group message body (first format)",
-                })?;
-            meta.put(&mut wtxn, &body_refs_key(id), &v[..4])
-                .map_err(lmdb)?;
-            meta.put(&mut wtxn, &body_key(id), &v[4..]).map_err(lmdb)?;
-            meta.delete(&mut wtxn, &k).map_err(lmdb)?;
-        }
         wtxn.commit().map_err(lmdb)?;
+        // Shared group bodies of the first format: split each into body and count, in
+        // transactions of a bounded size (LMDB cannot reuse a transaction's freed pages within
+        // it, so one transaction for all could fill the map). Each one is atomic, so a crash
+        // between them leaves both formats side by side, and the next open goes on.
+        loop {
+            let mut wtxn = env.write_txn().map_err(lmdb)?;
+            let legacy = meta
+                .prefix_iter(&wtxn, &[LEGACY_BODY_PREFIX])
+                .map_err(lmdb)?
+                .take(crate::limits::LEGACY_BODIES_PER_TXN)
+                .map(|r| r.map(|(k, v)| (k.to_vec(), v.to_vec())))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(lmdb)?;
+            if legacy.is_empty() {
+                break;
+            }
+            for (k, v) in legacy {
+                let id = k
+                    .get(1..9)
+                    .filter(|_| k.len() == 9 && v.len() >= 4)
+                    .and_then(|b| b.try_into().ok())
+                    .map(|b| ServerMsgId(u64::from_be_bytes(b)))
+                    .ok_or(StoreError::Corrupt {
+                        path: path.clone(),
+                        why: "group message body (first format)",
+                    })?;
+                meta.put(&mut wtxn, &body_refs_key(id), &v[..4])
+                    .map_err(lmdb)?;
+                meta.put(&mut wtxn, &body_key(id), &v[4..]).map_err(lmdb)?;
+                meta.delete(&mut wtxn, &k).map_err(lmdb)?;
+            }
+            wtxn.commit().map_err(lmdb)?;
+        }
         // The epoch must be on disk before any id of this epoch can be acknowledged.
         env.force_sync().map_err(lmdb)?;
         Ok(Opened {
@@ -1453,12 +1464,22 @@ mod tests {
             let mut v = 2u32.to_be_bytes().to_vec();
             v.extend_from_slice(&[7u8; 700]);
             store.meta.put(&mut wtxn, &legacy_key, &v).unwrap();
+            // More than one conversion transaction's worth of other bodies.
+            for m in 0..crate::limits::LEGACY_BODIES_PER_TXN as u64 + 500 {
+                let mut k = body_key(ServerMsgId(1_000_000 + m));
+                k[0] = LEGACY_BODY_PREFIX;
+                store.meta.put(&mut wtxn, &k, &[0, 0, 0, 1, 9, 9]).unwrap();
+            }
             wtxn.commit().unwrap();
         }
         let store = Store::open(dir.path(), ShardId(0), 1, 16, SyncPolicy::None)
             .unwrap()
             .store;
         assert_eq!(body_record(&store, msg_id), Some((2, 700)));
+        assert_eq!(
+            body_record(&store, ServerMsgId(1_000_000 + 1_234)),
+            Some((1, 2))
+        );
         assert_eq!(
             store.read_queue(UserId(10), None, 10).unwrap(),
             vec![(ServerMsgId(110), item.clone())]
