@@ -142,6 +142,9 @@ pub struct ShardSnapshot {
     pub queue_items: u64,
     /// Bytes of B-tree pages holding them.
     pub queue_bytes: u64,
+    /// Bytes of B-tree pages of the whole store: the queues and the metadata (shared group
+    /// bodies, counts, presence, groups, blocks).
+    pub store_bytes: u64,
     /// Group commits.
     pub commits: u64,
     /// Group commits that failed.
@@ -478,6 +481,13 @@ impl prometheus_client::collector::Collector for Snapshots {
             f,
             |s| s.queue_bytes,
         )?;
+        gauge(
+            e,
+            "store_bytes",
+            "Bytes of LMDB pages in use: the offline queues, shared group bodies and other records",
+            f,
+            |s| s.store_bytes,
+        )?;
         counter(e, "store_commits", "Group commits", f, |s| s.commits)?;
         counter(
             e,
@@ -721,6 +731,7 @@ mod tests {
             receipts_dropped: 0,
             queue_items: 2,
             queue_bytes: 8192,
+            store_bytes: 12288,
             commits: 4,
             commit_failures: 0,
             pending_ops: 0,

@@ -171,8 +171,33 @@ fn a_group_message_reaches_every_member_across_shards_before_its_ack() {
     let members: Vec<u64> = (1000..1300).collect();
     group(&mut ca, 2, g + 1, GroupOp::Create, &members);
     expect_ok(&mut ca, 2);
+    // The store's size once every member's create event is queued (they travel on their own).
+    let admin = node.admin_addr.unwrap();
+    let deadline = std::time::Instant::now() + TIMEOUT;
+    let stored_before = loop {
+        let body = http(admin, "GET", "/metrics").1;
+        if metric(&body, "gatehouse_queue_items", "") >= 300.0 {
+            break metric(&body, "gatehouse_store_bytes", "");
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "create events not queued"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
     group_send(&mut ca, 11, g + 1, &[7u8; 5000]);
     expect_ack(&mut ca, 11);
+    // The 5,000-byte body is stored once per member shard, not once per member: 300 copies
+    // would take about 2.4 MB of overflow pages; two copies and 300 references, tens of KB.
+    let added = metric(
+        &http(admin, "GET", "/metrics").1,
+        "gatehouse_store_bytes",
+        "",
+    ) - stored_before;
+    assert!(
+        (10_000.0..200_000.0).contains(&added),
+        "the message added {added} B to the stores"
+    );
     let mut late = login(addr, 1150, 1);
     assert_eq!(expect_event(&mut late).0, GroupOp::Create);
     assert_eq!(expect_group_message(&mut late), (g + 1, a, vec![7u8; 5000]));

@@ -2107,6 +2107,7 @@ impl Shard {
             receipts_dropped: st.receipts_dropped.get(),
             queue_items,
             queue_bytes,
+            store_bytes: self.store.stored_bytes().unwrap_or(0),
             commits: st.commits.get(),
             commit_failures: st.commit_failures.get(),
             pending_ops: self.pending.borrow().len() as u64,
