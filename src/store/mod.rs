@@ -415,35 +415,31 @@ fn queue_key(user: UserId, id: ServerMsgId) -> [u8; 16] {
     k
 }
 
-fn presence_key(user: UserId) -> [u8; 9] {
+/// A metadata key: a one-byte tag, then a big-endian u64 (a user, group or message id).
+fn tagged_key(tag: u8, id: u64) -> [u8; 9] {
     let mut k = [0u8; 9];
-    k[0] = b'p';
-    k[1..].copy_from_slice(&user.0.to_be_bytes());
+    k[0] = tag;
+    k[1..].copy_from_slice(&id.to_be_bytes());
     k
+}
+
+fn presence_key(user: UserId) -> [u8; 9] {
+    tagged_key(b'p', user.0)
 }
 
 fn body_key(msg_id: ServerMsgId) -> [u8; 9] {
-    let mut k = [0u8; 9];
-    k[0] = b'D';
-    k[1..].copy_from_slice(&msg_id.0.to_be_bytes());
-    k
+    tagged_key(b'D', msg_id.0)
 }
 
 fn body_refs_key(msg_id: ServerMsgId) -> [u8; 9] {
-    let mut k = [0u8; 9];
-    k[0] = b'R';
-    k[1..].copy_from_slice(&msg_id.0.to_be_bytes());
-    k
+    tagged_key(b'R', msg_id.0)
 }
 
 /// Prefix of shared group bodies as the first builds stored them: `refs:u32 body` in one record.
 const LEGACY_BODY_PREFIX: u8 = b'B';
 
 fn group_key(group: u64) -> [u8; 9] {
-    let mut k = [0u8; 9];
-    k[0] = b'g';
-    k[1..].copy_from_slice(&group.to_be_bytes());
-    k
+    tagged_key(b'g', group)
 }
 
 fn block_key(blocker: UserId, blocked: UserId) -> [u8; 17] {
@@ -455,10 +451,7 @@ fn block_key(blocker: UserId, blocked: UserId) -> [u8; 17] {
 }
 
 fn count_key(user: UserId) -> [u8; 9] {
-    let mut k = [0u8; 9];
-    k[0] = b'c';
-    k[1..].copy_from_slice(&user.0.to_be_bytes());
-    k
+    tagged_key(b'c', user.0)
 }
 
 /// What [`Store::open`] found and set.
@@ -1459,15 +1452,13 @@ mod tests {
                 .delete(&mut wtxn, &body_refs_key(msg_id))
                 .unwrap();
             store.meta.delete(&mut wtxn, &body_key(msg_id)).unwrap();
-            let mut legacy_key = body_key(msg_id);
-            legacy_key[0] = LEGACY_BODY_PREFIX;
+            let legacy_key = tagged_key(LEGACY_BODY_PREFIX, msg_id.0);
             let mut v = 2u32.to_be_bytes().to_vec();
             v.extend_from_slice(&[7u8; 700]);
             store.meta.put(&mut wtxn, &legacy_key, &v).unwrap();
             // More than one conversion transaction's worth of other bodies.
             for m in 0..crate::limits::LEGACY_BODIES_PER_TXN as u64 + 500 {
-                let mut k = body_key(ServerMsgId(1_000_000 + m));
-                k[0] = LEGACY_BODY_PREFIX;
+                let k = tagged_key(LEGACY_BODY_PREFIX, 1_000_000 + m);
                 store.meta.put(&mut wtxn, &k, &[0, 0, 0, 1, 9, 9]).unwrap();
             }
             wtxn.commit().unwrap();
