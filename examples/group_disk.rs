@@ -5,7 +5,7 @@
 //! Opens two real LMDB stores in a temporary directory, appends `--messages` messages of
 //! `--body` bytes to `--members` offline members (the members one shard owns), one commit per
 //! message as the gateway's fan-out does, and reports the B-tree bytes each store uses
-//! (`Store::stored_bytes`) and the commit time per message. Then every member acknowledges
+//! (`Store::stats`) and the commit time per message. Then every member acknowledges
 //! every message, and the bytes left are reported (the shared bodies go with their last
 //! reference).
 //!
@@ -88,7 +88,7 @@ fn run(dir: &std::path::Path, shared: bool, members: u64, messages: u64, body: u
     }
     let us_per_message = start.elapsed().as_secs_f64() * 1e6 / messages as f64;
     store.sync().expect("sync");
-    let bytes_full = store.stored_bytes().expect("stat");
+    let bytes_full = store.stats().expect("stat").stored_bytes;
     // Every member reads and acknowledges everything, one commit per member.
     let acks = Instant::now();
     for u in 0..members {
@@ -103,7 +103,7 @@ fn run(dir: &std::path::Path, shared: bool, members: u64, messages: u64, body: u
         store.apply(&ids, limits).expect("delete");
     }
     let ns_per_ack = acks.elapsed().as_secs_f64() * 1e9 / (members * messages) as f64;
-    let bytes_after_acks = store.stored_bytes().expect("stat");
+    let bytes_after_acks = store.stats().expect("stat").stored_bytes;
     Run {
         bytes_full,
         bytes_after_acks,

@@ -320,9 +320,6 @@ pub fn start(config: Config) -> anyhow::Result<ServerHandle> {
         }
     }
     let mut stop_watchdog = StopOnDrop(Some(watchdog_stop.clone()));
-    // Shard threads are named `gh-shard-N-ID` (glommio adds its executor id; the kernel keeps
-    // 15 bytes of it). The start probe finds each shard's thread by that name.
-    let names: Vec<String> = (0..shards).map(|i| format!("gh-shard-{i}")).collect();
     let probes: Vec<Arc<StartProbe>> = (0..shards).map(|_| Arc::new(StartProbe::new())).collect();
     let cpus = allowed_cpus();
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
@@ -363,7 +360,9 @@ pub fn start(config: Config) -> anyhow::Result<ServerHandle> {
         // not needed. The blocking pool (LMDB commits) is left unbound so the kernel can run a
         // commit on whichever core is idle.
         let handle = LocalExecutorBuilder::new(Placement::Fixed(cpu))
-            .name(&names[i])
+            // Threads are named `gh-shard-N-ID` (glommio adds its executor id; the kernel
+            // keeps 15 bytes). The start probe finds the shard's thread by that name.
+            .name(&format!("gh-shard-{i}"))
             .io_memory(config.runtime.io_memory_kib * 1024)
             .ring_depth(config.runtime.ring_depth)
             .preempt_timer(std::time::Duration::from_micros(

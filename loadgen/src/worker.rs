@@ -1390,9 +1390,6 @@ pub fn run(args: RunArgs, index: usize, workers: usize) -> anyhow::Result<()> {
     let mut handles = Vec::new();
     // An executor that parks before its root future runs is woken with a signal by the loop
     // below (see `StartProbe`; the gateway's shards have the same defense).
-    // Short, so that glommio's `-ID` suffix stays within the kernel's 15 bytes (the probe
-    // finds the thread by that name).
-    let names: Vec<String> = (0..cores).map(|e| format!("lg-{index}-{e}")).collect();
     let probes: Vec<Arc<StartProbe>> = (0..cores).map(|_| Arc::new(StartProbe::new())).collect();
     for e in 0..cores {
         let (pulse, nudge) = (pulses[e].clone(), nudges[e].clone());
@@ -1401,7 +1398,9 @@ pub fn run(args: RunArgs, index: usize, workers: usize) -> anyhow::Result<()> {
         let ptx = ptx.clone();
         let users: Vec<u32> = (lo..hi).filter(|i| (*i as usize) % cores == e).collect();
         let h = LocalExecutorBuilder::new(Placement::Fixed(cpus[(index * cores + e) % cpus.len()]))
-            .name(&names[e])
+            // Short, so that glommio's `-ID` suffix stays within the kernel's 15 bytes (the
+            // probe finds the thread by that name).
+            .name(&format!("lg-{index}-{e}"))
             .io_memory(64 * 1024)
             // glommio's 100 ms default would let one queue run that long between I/O polls,
             // adding its own latency to every measurement.

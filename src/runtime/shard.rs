@@ -2077,9 +2077,9 @@ impl Shard {
 
     /// This shard's counters, gauges and histograms now.
     pub fn snapshot(&self, seq: u64) -> ShardSnapshot {
-        let (queue_items, queue_bytes) = self.store.queue_stats().unwrap_or_else(|e| {
-            tracing::warn!(shard = self.id.0, error = %e, "reading queue statistics failed");
-            (0, 0)
+        let store = self.store.stats().unwrap_or_else(|e| {
+            tracing::warn!(shard = self.id.0, error = %e, "reading store statistics failed");
+            Default::default()
         });
         let st = &self.stats;
         let pulse = &self.pulses[self.id.index()];
@@ -2105,9 +2105,9 @@ impl Shard {
             deliveries: st.deliveries.get(),
             acks: st.acks.get(),
             receipts_dropped: st.receipts_dropped.get(),
-            queue_items,
-            queue_bytes,
-            store_bytes: self.store.stored_bytes().unwrap_or(0),
+            queue_items: store.queue_items,
+            queue_bytes: store.queue_bytes,
+            store_bytes: store.stored_bytes,
             commits: st.commits.get(),
             commit_failures: st.commit_failures.get(),
             pending_ops: self.pending.borrow().len() as u64,

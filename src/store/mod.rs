@@ -454,6 +454,19 @@ fn count_key(user: UserId) -> [u8; 9] {
     tagged_key(b'c', user.0)
 }
 
+/// Sizes of one shard's store ([`Store::stats`]). Bytes are B-tree pages (branch, leaf and
+/// overflow) in use; free pages are not counted.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct StoreStats {
+    /// Items queued (messages and receipts of every user).
+    pub queue_items: u64,
+    /// Bytes of the queue table's pages.
+    pub queue_bytes: u64,
+    /// Bytes of the queue and metadata tables together: queue items, shared group bodies,
+    /// counts, presence, groups and blocks.
+    pub stored_bytes: u64,
+}
+
 /// What [`Store::open`] found and set.
 pub struct Opened {
     /// The store.
@@ -1051,22 +1064,16 @@ impl Store {
         Ok(out)
     }
 
-    /// Items queued on this shard (messages and receipts of every user) and the bytes the
-    /// queue's B-tree pages use. A read snapshot: never blocks on the writer.
-    pub fn queue_stats(&self) -> Result<(u64, u64), StoreError> {
-        let rtxn = self.env.read_txn().map_err(|e| self.err(e))?;
-        let st = self.queue.stat(&rtxn).map_err(|e| self.err(e))?;
-        Ok((st.entries as u64, st.non_free_page_size() as u64))
-    }
-
-    /// Bytes of B-tree pages (branch, leaf and overflow) the queue and the metadata table use
-    /// together: queue items, shared group bodies, counts, presence, groups and blocks. Free
-    /// pages are not counted. A read snapshot.
-    pub fn stored_bytes(&self) -> Result<u64, StoreError> {
+    /// Sizes of this shard's store, from one read snapshot (never blocks on the writer).
+    pub fn stats(&self) -> Result<StoreStats, StoreError> {
         let rtxn = self.env.read_txn().map_err(|e| self.err(e))?;
         let q = self.queue.stat(&rtxn).map_err(|e| self.err(e))?;
         let m = self.meta.stat(&rtxn).map_err(|e| self.err(e))?;
-        Ok((q.non_free_page_size() + m.non_free_page_size()) as u64)
+        Ok(StoreStats {
+            queue_items: q.entries as u64,
+            queue_bytes: q.non_free_page_size() as u64,
+            stored_bytes: (q.non_free_page_size() + m.non_free_page_size()) as u64,
+        })
     }
 
     /// Messages and receipts queued for `user`.
@@ -1164,7 +1171,7 @@ mod tests {
             assert_eq!(got[0].1, item);
         }
         // The queue items themselves are headers only.
-        let (_, bytes) = store.queue_stats().unwrap();
+        let bytes = store.stats().unwrap().queue_bytes;
         assert!(bytes < 20_000, "{bytes} bytes of queue pages");
         store
             .apply(
@@ -1245,7 +1252,7 @@ mod tests {
             .apply(&[delete(40, 6), delete(40, 6)], limits)
             .unwrap();
         assert_eq!(refs(1), None, "the last delete frees the body");
-        assert_eq!(store.queue_stats().unwrap().0, 0);
+        assert_eq!(store.stats().unwrap().queue_items, 0);
     }
 
     #[test]
