@@ -341,6 +341,10 @@ pub fn start(config: Config) -> anyhow::Result<ServerHandle> {
                 .store
                 .blockers()
                 .with_context(|| format!("reading shard {i}'s block list"))?,
+            tallies: o
+                .store
+                .tallies()
+                .with_context(|| format!("reading shard {i}'s group receipt tallies"))?,
             store: o.store,
             epoch: o.epoch,
             senders,

@@ -637,3 +637,46 @@ fn a_group_emptied_by_its_last_member_is_gone_at_once() {
     assert_eq!(expect_ok(&mut ca, 7), vec![(UserId(1), GroupRole::Admin)]);
     node.shutdown().unwrap();
 }
+
+#[test]
+fn aggregated_receipts_go_on_after_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path());
+    let node = start(cfg.clone());
+    let (a, g) = (user_on_shard(200, 0, 2), 707);
+    let (m1, m2) = (user_on_shard(2000, 1, 2), user_on_shard(3000, 0, 2));
+    let mut ca = login(node.local_addr, a, 1);
+    group(&mut ca, 1, g, GroupOp::Create, &[m1, m2]);
+    expect_ok(&mut ca, 1);
+    group_send(&mut ca, 2, g, b"across a restart");
+    let msg = match next_non_event(&mut ca) {
+        ServerFrame::SendAck { server_msg_id, .. } => server_msg_id,
+        other => panic!("expected SEND_ACK, got {other:?}"),
+    };
+    // One member receives it before the restart, the other after.
+    let mut c1 = login(node.local_addr, m1, 1);
+    assert!(
+        matches!(next_non_event(&mut c1), ServerFrame::GroupDeliver { server_msg_id, .. } if c1.ack(&[server_msg_id]).is_ok())
+    );
+    assert_eq!(expect_group_receipt(&mut ca, msg), (1, 0, 2));
+    drop((ca, c1));
+    node.shutdown().unwrap();
+
+    let node = start(cfg);
+    let mut c2 = login(node.local_addr, m2, 1);
+    assert!(
+        matches!(next_non_event(&mut c2), ServerFrame::GroupDeliver { server_msg_id, .. } if c2.ack(&[server_msg_id]).is_ok())
+    );
+    let mut ca = login(node.local_addr, a, 1);
+    assert_eq!(expect_group_receipt(&mut ca, msg), (2, 0, 2));
+    for c in [&mut c2, &mut login(node.local_addr, m1, 1)] {
+        c.send(&ClientFrame::GroupRead {
+            group: g,
+            ids: vec![msg],
+        })
+        .unwrap();
+    }
+    assert_eq!(expect_group_receipt(&mut ca, msg), (2, 1, 2));
+    assert_eq!(expect_group_receipt(&mut ca, msg), (2, 2, 2));
+    node.shutdown().unwrap();
+}

@@ -398,6 +398,8 @@ pub struct ShardSeed {
     pub tls: Option<Arc<TlsContext>>,
     /// Users of this shard who block anyone (from the store).
     pub blockers: std::collections::HashSet<UserId>,
+    /// The group message tallies checkpointed in the store, oldest first.
+    pub tallies: Vec<(ServerMsgId, crate::store::TallyRecord)>,
     /// The shard's store.
     pub store: Store,
     /// Epoch for message ids.
@@ -466,9 +468,11 @@ pub struct Shard {
     fanouts: RefCell<HashMap<u64, groups::FanoutWait>>,
     next_fanout: Cell<u64>,
     /// Delivered/read tallies of recent group messages sent through this shard's groups.
-    tallies: RefCell<HashMap<(u64, ServerMsgId), groups::Tally>>,
+    tallies: RefCell<HashMap<(u64, ServerMsgId), crate::store::TallyRecord>>,
     /// Tally keys in creation order, for the bound.
     tally_order: RefCell<std::collections::VecDeque<(u64, ServerMsgId)>>,
+    /// Tallies changed, started or dropped since the last checkpoint to the store.
+    tallies_dirty: RefCell<std::collections::HashSet<(u64, ServerMsgId)>>,
     /// Counters.
     pub stats: ShardStats,
     /// Group commit latency, µs.
@@ -577,6 +581,7 @@ impl Shard {
             next_fanout: Cell::new(0),
             tallies: RefCell::new(HashMap::new()),
             tally_order: RefCell::new(std::collections::VecDeque::new()),
+            tallies_dirty: RefCell::new(std::collections::HashSet::new()),
             blockers: RefCell::new(seed.blockers),
             stats: ShardStats::default(),
             commit_us: RefCell::new(hist()),
@@ -592,6 +597,7 @@ impl Shard {
             committing: Cell::new(false),
             queues,
         });
+        shard.restore_tallies(seed.tallies);
 
         let mut tasks = Vec::new();
         for (peer, sender) in seed.senders.into_iter().enumerate() {
@@ -772,6 +778,8 @@ impl Shard {
             elapsed_ms = start.elapsed().as_millis() as u64,
             "drain: every connection told to go away"
         );
+        // Group receipt tallies go on after the restart from what is written here.
+        self.checkpoint_tallies();
         let deadline = deadline.max(Instant::now() + Duration::from_millis(100));
         while (!self.pending.borrow().is_empty() || self.committing.get())
             && Instant::now() < deadline
@@ -1843,7 +1851,13 @@ impl Shard {
                         }
                         (Op::Delete { .. }, _)
                         | (Op::Append { .. }, OpOutcome::Deleted(_) | OpOutcome::Written)
-                        | (Op::LastSeen { .. } | Op::Privacy { .. } | Op::Block { .. }, _) => {}
+                        | (
+                            Op::LastSeen { .. }
+                            | Op::Privacy { .. }
+                            | Op::Block { .. }
+                            | Op::Tally { .. },
+                            _,
+                        ) => {}
                     }
                 }
             }
@@ -1925,6 +1939,7 @@ impl Shard {
             // Closes since the last tick may have freed budget: resume parked readers (they
             // are otherwise woken by commits, flushes and drained output).
             self.wake_paused();
+            self.checkpoint_tallies();
             // Forget sources that have been quiet long enough for their bucket to refill.
             let rate = self.cfg.connect_rate_per_source;
             let mono = mono_ms();

@@ -19,6 +19,9 @@
 //!   The count has a record of its own so that an acknowledgement rewrites 4 bytes, not the
 //!   body. Before that, `'B' | group_msg_id:u64` → `refs:u32 body`; [`Store::open`] converts
 //!   such records.
+//! - `meta`, on a group's shard: `'T' | group_msg_id:u64` → `group:u64 sender:u64 members:u16
+//!   delivered:u16 read:u16 reported:u8` (a group message's receipt tally, [`TallyRecord`]:
+//!   checkpointed by the shard, so that aggregated receipts go on after a restart).
 
 use std::collections::hash_map::Entry;
 use std::collections::HashMap;
@@ -354,6 +357,59 @@ pub enum Op {
         /// Block or unblock.
         on: bool,
     },
+    /// Write group message `msg_id`'s receipt tally (`None`: delete it, the tally is over).
+    Tally {
+        /// The group message (its id on the group's shard).
+        msg_id: ServerMsgId,
+        /// The tally.
+        record: Option<TallyRecord>,
+    },
+}
+
+/// How many members received and read one group message, and which aggregated receipts its
+/// sender has been sent: kept in memory by the group's shard, checkpointed to its store.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TallyRecord {
+    /// The group.
+    pub group: u64,
+    /// Who sent the message (gets the receipts).
+    pub sender: UserId,
+    /// Members it went to (the sender excluded).
+    pub members: u16,
+    /// Members whose device acknowledged it.
+    pub delivered: u16,
+    /// GROUP_READs counted (at most `members`).
+    pub read: u16,
+    /// Receipts sent, bits: first delivered, all delivered, first read, all read.
+    pub reported: u8,
+}
+
+const TALLY_RECORD_BYTES: usize = 23;
+
+impl TallyRecord {
+    fn encode(&self) -> [u8; TALLY_RECORD_BYTES] {
+        let mut v = [0u8; TALLY_RECORD_BYTES];
+        v[..8].copy_from_slice(&self.group.to_be_bytes());
+        v[8..16].copy_from_slice(&self.sender.0.to_be_bytes());
+        v[16..18].copy_from_slice(&self.members.to_be_bytes());
+        v[18..20].copy_from_slice(&self.delivered.to_be_bytes());
+        v[20..22].copy_from_slice(&self.read.to_be_bytes());
+        v[22] = self.reported;
+        v
+    }
+
+    fn decode(v: &[u8]) -> Option<TallyRecord> {
+        let v: &[u8; TALLY_RECORD_BYTES] = v.try_into().ok()?;
+        let u16_at = |i: usize| u16::from_be_bytes([v[i], v[i + 1]]);
+        Some(TallyRecord {
+            group: u64::from_be_bytes(v[..8].try_into().ok()?),
+            sender: UserId(u64::from_be_bytes(v[8..16].try_into().ok()?)),
+            members: u16_at(16),
+            delivered: u16_at(18),
+            read: u16_at(20),
+            reported: v[22],
+        })
+    }
 }
 
 /// A user's stored presence facts.
@@ -453,6 +509,12 @@ fn block_key(blocker: UserId, blocked: UserId) -> [u8; 17] {
 fn count_key(user: UserId) -> [u8; 9] {
     tagged_key(b'c', user.0)
 }
+
+fn tally_key(msg_id: ServerMsgId) -> [u8; 9] {
+    tagged_key(TALLY_PREFIX, msg_id.0)
+}
+
+const TALLY_PREFIX: u8 = b'T';
 
 /// Sizes of one shard's store ([`Store::stats`]). Bytes are B-tree pages (branch, leaf and
 /// overflow) in use; free pages are not counted.
@@ -758,6 +820,19 @@ impl Store {
                     }
                     OpOutcome::Written
                 }
+                Op::Tally { msg_id, record } => {
+                    let key = tally_key(*msg_id);
+                    match record {
+                        Some(r) => self
+                            .meta
+                            .put(&mut wtxn, &key, &r.encode())
+                            .map_err(|e| self.err(e))?,
+                        None => {
+                            self.meta.delete(&mut wtxn, &key).map_err(|e| self.err(e))?;
+                        }
+                    }
+                    OpOutcome::Written
+                }
             };
             out.push(outcome);
         }
@@ -974,6 +1049,31 @@ impl Store {
             .is_some())
     }
 
+    /// The group message tallies checkpointed on this shard, oldest message first (read at
+    /// start).
+    pub fn tallies(&self) -> Result<Vec<(ServerMsgId, TallyRecord)>, StoreError> {
+        let rtxn = self.env.read_txn().map_err(|e| self.err(e))?;
+        let mut out = Vec::new();
+        for entry in self
+            .meta
+            .prefix_iter(&rtxn, &[TALLY_PREFIX])
+            .map_err(|e| self.err(e))?
+        {
+            let (k, v) = entry.map_err(|e| self.err(e))?;
+            let corrupt = || StoreError::Corrupt {
+                path: self.path.clone(),
+                why: "group receipt tally",
+            };
+            let id = k
+                .get(1..)
+                .and_then(|b| b.try_into().ok())
+                .map(u64::from_be_bytes)
+                .ok_or_else(corrupt)?;
+            out.push((ServerMsgId(id), TallyRecord::decode(v).ok_or_else(corrupt)?));
+        }
+        Ok(out)
+    }
+
     /// Users of this shard who block anyone (read at start, so that message routing checks
     /// the store only for them).
     pub fn blockers(&self) -> Result<std::collections::HashSet<UserId>, StoreError> {
@@ -1112,6 +1212,52 @@ mod tests {
             (None, None) => None,
             other => panic!("a body record without its count, or the reverse: {other:?}"),
         }
+    }
+
+    #[test]
+    fn tallies_are_written_read_back_in_message_order_and_deleted() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), ShardId(0), 1, 16, SyncPolicy::None)
+            .unwrap()
+            .store;
+        let rec = |group, delivered| TallyRecord {
+            group,
+            sender: UserId(u64::MAX - 1),
+            members: 1024,
+            delivered,
+            read: 3,
+            reported: 0b0101,
+        };
+        let put = |id: u64, r: Option<TallyRecord>| Op::Tally {
+            msg_id: ServerMsgId(id),
+            record: r,
+        };
+        // Ids past 255 and 65,535 check that the keys sort as numbers.
+        let ops = [
+            put(70_000, Some(rec(7, 1))),
+            put(300, Some(rec(u64::MAX, 2))),
+            put(5, Some(rec(9, 3))),
+        ];
+        store.apply(&ops, LIMITS).unwrap();
+        store
+            .apply(&[put(300, Some(rec(u64::MAX, 900))), put(5, None)], LIMITS)
+            .unwrap();
+        assert_eq!(
+            store.tallies().unwrap(),
+            vec![
+                (ServerMsgId(300), rec(u64::MAX, 900)),
+                (ServerMsgId(70_000), rec(7, 1)),
+            ]
+        );
+        // A damaged record is named, not skipped.
+        let mut wtxn = store.env.write_txn().unwrap();
+        store
+            .meta
+            .put(&mut wtxn, &tally_key(ServerMsgId(8)), b"short")
+            .unwrap();
+        wtxn.commit().unwrap();
+        let e = store.tallies().unwrap_err().to_string();
+        assert!(e.contains("group receipt tally"), "{e}");
     }
 
     #[test]

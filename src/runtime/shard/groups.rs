@@ -31,7 +31,7 @@ use crate::ids::{owner_node, owner_shard, DeviceId, ServerMsgId, ShardId, UserId
 use crate::proto::{group_body_bytes_max, ErrorCode, GroupOp, GroupRole, ServerFrame};
 use crate::runtime::conn::Conn;
 use crate::runtime::now_ms;
-use crate::store::{Item, Op};
+use crate::store::{Item, Op, TallyRecord};
 
 /// A request for a group's shard.
 #[derive(Clone, Debug)]
@@ -67,18 +67,6 @@ pub(super) struct FanoutWait {
     msg_id: ServerMsgId,
     ts_ms: u64,
     failed: bool,
-}
-
-/// How many members received and read one group message, on the group's shard, and which
-/// of the aggregated receipts the sender has been sent.
-#[derive(Debug)]
-pub(super) struct Tally {
-    sender: UserId,
-    members: u16,
-    delivered: u16,
-    read: u16,
-    /// Bits: first delivered, all delivered, first read, all read.
-    reported: u8,
 }
 
 /// A member shard's part of one fan-out: its appends left to commit.
@@ -311,7 +299,7 @@ impl Shard {
     /// Counts one delivery or read of a group message, and queues an aggregated receipt for
     /// its sender at the first and at the last member of each kind: at most four receipts per
     /// message, whatever the group's size. Tallies of unknown messages (older than the
-    /// tallies kept, or from before a restart) are ignored.
+    /// tallies kept) are ignored; the tallies survive a restart (`checkpoint_tallies`).
     fn tally(&self, group: u64, msg_id: ServerMsgId, read: bool) {
         let report = {
             let mut tallies = self.tallies.borrow_mut();
@@ -326,6 +314,7 @@ impl Shard {
             // A member that reads twice counts twice; the count stops at the member count.
             *count = (*count + 1).min(t.members);
             let count = *count;
+            self.tallies_dirty.borrow_mut().insert((group, msg_id));
             let mut bit = 0;
             if count == 1 && t.reported & first_bit == 0 {
                 bit |= first_bit;
@@ -371,15 +360,19 @@ impl Shard {
         }
         let mut tallies = self.tallies.borrow_mut();
         let mut order = self.tally_order.borrow_mut();
+        let mut dirty = self.tallies_dirty.borrow_mut();
         while order.len() >= crate::limits::GROUP_TALLIES_MAX {
             if let Some(old) = order.pop_front() {
                 tallies.remove(&old);
+                dirty.insert(old);
             }
         }
         order.push_back((group, msg_id));
+        dirty.insert((group, msg_id));
         tallies.insert(
             (group, msg_id),
-            Tally {
+            TallyRecord {
+                group,
                 sender,
                 members: members.min(u16::MAX as usize) as u16,
                 delivered: 0,
@@ -387,6 +380,45 @@ impl Shard {
                 reported: 0,
             },
         );
+    }
+
+    /// Takes back the tallies checkpointed before a restart (oldest first; past the bound,
+    /// the oldest are dropped from the store at the next checkpoint).
+    pub(super) fn restore_tallies(&self, list: Vec<(ServerMsgId, TallyRecord)>) {
+        let skip = list.len().saturating_sub(crate::limits::GROUP_TALLIES_MAX);
+        let mut tallies = self.tallies.borrow_mut();
+        let mut order = self.tally_order.borrow_mut();
+        for (i, (msg_id, record)) in list.into_iter().enumerate() {
+            let key = (record.group, msg_id);
+            if i < skip {
+                self.tallies_dirty.borrow_mut().insert(key);
+            } else {
+                tallies.insert(key, record);
+                order.push_back(key);
+            }
+        }
+    }
+
+    /// Writes the tallies that changed since the last call to the store (one op each, through
+    /// the group commit; called every sweep and at shutdown). A crash loses at most the
+    /// changes of one sweep interval; a graceful restart loses none.
+    pub(super) fn checkpoint_tallies(&self) {
+        let mut keys: Vec<(u64, ServerMsgId)> = self.tallies_dirty.borrow_mut().drain().collect();
+        if keys.is_empty() {
+            return;
+        }
+        keys.sort_unstable_by_key(|(_, msg_id)| *msg_id);
+        let tallies = self.tallies.borrow();
+        for key in keys {
+            let record = tallies.get(&key).copied();
+            self.enqueue_op(
+                Op::Tally {
+                    msg_id: key.1,
+                    record,
+                },
+                Completion::None,
+            );
+        }
     }
 
     fn answer_group_send(&self, w: FanoutWait) {
