@@ -680,3 +680,38 @@ fn aggregated_receipts_go_on_after_a_restart() {
     assert_eq!(expect_group_receipt(&mut ca, msg), (2, 2, 2));
     node.shutdown().unwrap();
 }
+
+#[test]
+fn receipt_tallies_checkpointed_before_a_kill_9_go_on_after_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = node_config(dir.path(), "");
+    let log = dir.path().join("node.log");
+    let (mut node, addr, _) = spawn_node(&cfg, &log);
+    let (a, g) = (user_on_shard(200, 1, 2), 808);
+    let (m1, m2) = (user_on_shard(2000, 0, 2), user_on_shard(3000, 1, 2));
+    let mut ca = login(addr, a, 1);
+    group(&mut ca, 1, g, GroupOp::Create, &[m1, m2]);
+    expect_ok(&mut ca, 1);
+    group_send(&mut ca, 2, g, b"before the crash");
+    let msg = match next_non_event(&mut ca) {
+        ServerFrame::SendAck { server_msg_id, .. } => server_msg_id,
+        other => panic!("expected SEND_ACK, got {other:?}"),
+    };
+    let mut c1 = login(addr, m1, 1);
+    assert!(
+        matches!(next_non_event(&mut c1), ServerFrame::GroupDeliver { server_msg_id, .. } if c1.ack(&[server_msg_id]).is_ok())
+    );
+    assert_eq!(expect_group_receipt(&mut ca, msg), (1, 0, 2));
+    // The tally is written at the next sweep (every 250 ms); give it four.
+    std::thread::sleep(std::time::Duration::from_millis(1_000));
+    node.kill().unwrap();
+    node.wait().unwrap();
+
+    let (_node, addr, _) = spawn_node(&cfg, &log);
+    let mut c2 = login(addr, m2, 1);
+    assert!(
+        matches!(next_non_event(&mut c2), ServerFrame::GroupDeliver { server_msg_id, .. } if c2.ack(&[server_msg_id]).is_ok())
+    );
+    let mut ca = login(addr, a, 1);
+    assert_eq!(expect_group_receipt(&mut ca, msg), (2, 0, 2));
+}
