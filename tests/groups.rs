@@ -679,6 +679,18 @@ fn aggregated_receipts_go_on_after_a_restart() {
     assert_eq!(expect_group_receipt(&mut ca, msg), (2, 1, 2));
     assert_eq!(expect_group_receipt(&mut ca, msg), (2, 2, 2));
     node.shutdown().unwrap();
+    // All four receipts sent: the tally is over and gone from the store too.
+    for shard in 0..2 {
+        let opened = gatehouse::store::Store::open(
+            dir.path(),
+            gatehouse::ids::ShardId(shard),
+            2,
+            64,
+            gatehouse::config::SyncPolicy::None,
+        )
+        .unwrap();
+        assert_eq!(opened.store.tallies().unwrap(), vec![]);
+    }
 }
 
 #[test]
@@ -714,4 +726,45 @@ fn receipt_tallies_checkpointed_before_a_kill_9_go_on_after_it() {
     );
     let mut ca = login(addr, a, 1);
     assert_eq!(expect_group_receipt(&mut ca, msg), (2, 0, 2));
+}
+
+#[test]
+fn a_count_whose_delete_commits_during_the_drain_survives_a_planned_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path());
+    let node = start(cfg.clone());
+    let (a, g) = (user_on_shard(300, 0, 2), 909);
+    let (m1, m2) = (user_on_shard(4000, 1, 2), user_on_shard(5000, 0, 2));
+    let mut ca = login(node.local_addr, a, 1);
+    group(&mut ca, 1, g, GroupOp::Create, &[m1, m2]);
+    expect_ok(&mut ca, 1);
+    group_send(&mut ca, 2, g, b"acknowledged as the node stops");
+    let msg = match next_non_event(&mut ca) {
+        ServerFrame::SendAck { server_msg_id, .. } => server_msg_id,
+        other => panic!("expected SEND_ACK, got {other:?}"),
+    };
+    drop(ca);
+    let mut c1 = login(node.local_addr, m1, 1);
+    assert!(
+        matches!(next_non_event(&mut c1), ServerFrame::GroupDeliver { server_msg_id, .. } if c1.ack(&[server_msg_id]).is_ok())
+    );
+    // The server has read the ACK (frames are handled in order) when the PONG comes; its
+    // delete, and so the count, commit during the drain.
+    c1.send(&ClientFrame::Ping { nonce: 1 }).unwrap();
+    assert_eq!(next_non_event(&mut c1), ServerFrame::Pong { nonce: 1 });
+    node.shutdown().unwrap();
+
+    let node = start(cfg);
+    let mut c2 = login(node.local_addr, m2, 1);
+    assert!(
+        matches!(next_non_event(&mut c2), ServerFrame::GroupDeliver { server_msg_id, .. } if c2.ack(&[server_msg_id]).is_ok())
+    );
+    let mut ca = login(node.local_addr, a, 1);
+    // The first-delivered receipt may come first, if it was queued before the stop.
+    let mut got = expect_group_receipt(&mut ca, msg);
+    if got == (1, 0, 2) {
+        got = expect_group_receipt(&mut ca, msg);
+    }
+    assert_eq!(got, (2, 0, 2));
+    node.shutdown().unwrap();
 }

@@ -701,6 +701,7 @@ impl Shard {
         {
             glommio::timer::sleep(Duration::from_millis(5)).await;
         }
+        shard.flush_tallies().await;
         for t in [syncer, committer] {
             t.cancel().await;
         }
@@ -778,12 +779,8 @@ impl Shard {
             elapsed_ms = start.elapsed().as_millis() as u64,
             "drain: every connection told to go away"
         );
-        // Group receipt tallies go on after the restart from what is written here.
-        self.checkpoint_tallies();
         let deadline = deadline.max(Instant::now() + Duration::from_millis(100));
-        while (!self.pending.borrow().is_empty() || self.committing.get())
-            && Instant::now() < deadline
-        {
+        while !self.store_idle() && Instant::now() < deadline {
             glommio::timer::sleep(Duration::from_millis(5)).await;
         }
         if !self.pending.borrow().is_empty() {
@@ -1678,6 +1675,11 @@ impl Shard {
 
     // ---------------------------------------------------------------- store
 
+    /// Nothing waits for the committer and no commit runs.
+    fn store_idle(&self) -> bool {
+        self.pending.borrow().is_empty() && !self.committing.get()
+    }
+
     fn enqueue_op(&self, op: Op, completion: Completion) {
         self.pending.borrow_mut().push((op, completion));
         wake(&self.committer_waker);
@@ -1734,6 +1736,15 @@ impl Shard {
         completions: Vec<Completion>,
         result: Result<Vec<OpOutcome>, StoreError>,
     ) {
+        if result.is_err() {
+            // Tally writes are retried at the next checkpoint.
+            let mut dirty = self.tallies_dirty.borrow_mut();
+            for op in &ops {
+                if let Op::Tally { group, msg_id, .. } = op {
+                    dirty.insert((*group, *msg_id));
+                }
+            }
+        }
         let answer = |to: ConnRef, client_msg_id, result| {
             self.route(
                 to.shard,

@@ -359,6 +359,8 @@ pub enum Op {
     },
     /// Write group message `msg_id`'s receipt tally (`None`: delete it, the tally is over).
     Tally {
+        /// The group (not part of the key; lets a failed write be marked for a retry).
+        group: u64,
         /// The group message (its id on the group's shard).
         msg_id: ServerMsgId,
         /// The tally.
@@ -820,7 +822,7 @@ impl Store {
                     }
                     OpOutcome::Written
                 }
-                Op::Tally { msg_id, record } => {
+                Op::Tally { msg_id, record, .. } => {
                     let key = tally_key(*msg_id);
                     match record {
                         Some(r) => self
@@ -1229,6 +1231,7 @@ mod tests {
             reported: 0b0101,
         };
         let put = |id: u64, r: Option<TallyRecord>| Op::Tally {
+            group: r.map_or(0, |r| r.group),
             msg_id: ServerMsgId(id),
             record: r,
         };

@@ -23,6 +23,7 @@
 use std::cell::Cell;
 use std::collections::{BTreeMap, HashMap};
 use std::rc::Rc;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
@@ -312,8 +313,12 @@ impl Shard {
                 (&mut t.delivered, 1u8, 2u8)
             };
             // A member that reads twice counts twice; the count stops at the member count.
-            *count = (*count + 1).min(t.members);
+            let before = *count;
+            *count = (before + 1).min(t.members);
             let count = *count;
+            if count == before {
+                return; // nothing changed, so nothing to report or to write
+            }
             self.tallies_dirty.borrow_mut().insert((group, msg_id));
             let mut bit = 0;
             if count == 1 && t.reported & first_bit == 0 {
@@ -362,9 +367,11 @@ impl Shard {
         let mut order = self.tally_order.borrow_mut();
         let mut dirty = self.tallies_dirty.borrow_mut();
         while order.len() >= crate::limits::GROUP_TALLIES_MAX {
+            // An ended tally was deleted from the store when it ended.
             if let Some(old) = order.pop_front() {
-                tallies.remove(&old);
-                dirty.insert(old);
+                if tallies.remove(&old).is_some() {
+                    dirty.insert(old);
+                }
             }
         }
         order.push_back((group, msg_id));
@@ -400,8 +407,9 @@ impl Shard {
     }
 
     /// Writes the tallies that changed since the last call to the store (one op each, through
-    /// the group commit; called every sweep and at shutdown). A crash loses at most the
-    /// changes of one sweep interval; a graceful restart loses none.
+    /// the group commit; called every sweep, and at shutdown by `flush_tallies`). A failed
+    /// commit marks its tallies for the next call. A crash loses at most the changes of one
+    /// sweep interval.
     pub(super) fn checkpoint_tallies(&self) {
         let mut keys: Vec<(u64, ServerMsgId)> = self.tallies_dirty.borrow_mut().drain().collect();
         if keys.is_empty() {
@@ -413,11 +421,46 @@ impl Shard {
             let record = tallies.get(&key).copied();
             self.enqueue_op(
                 Op::Tally {
+                    group: key.0,
                     msg_id: key.1,
                     record,
                 },
                 Completion::None,
             );
+        }
+    }
+
+    /// Shutdown, once every shard has drained: the counts from the last deletes (also other
+    /// shards', whose tally envelopes may still be crossing) reach the store before the
+    /// committer stops, and are synced. Bounded by `limits::SHUTDOWN_FLUSH_MS`.
+    pub(super) async fn flush_tallies(&self) {
+        let deadline = Instant::now() + Duration::from_millis(crate::limits::SHUTDOWN_FLUSH_MS);
+        let mut wrote = false;
+        // A few rounds: a failing store marks its tallies again after every try.
+        for _ in 0..3 {
+            // Envelopes sent by other shards' last commits arrive within a few reactor turns.
+            glommio::timer::sleep(Duration::from_millis(10)).await;
+            if self.tallies_dirty.borrow().is_empty() {
+                break;
+            }
+            self.checkpoint_tallies();
+            wrote = true;
+            while !self.store_idle() && Instant::now() < deadline {
+                glommio::timer::sleep(Duration::from_millis(5)).await;
+            }
+            if Instant::now() >= deadline {
+                tracing::warn!(
+                    shard = self.id.0,
+                    "shutdown: group receipt tallies not all written by the deadline"
+                );
+                return;
+            }
+        }
+        if wrote {
+            let store = self.store.clone();
+            if let Err(e) = crate::runtime::blocking(move || store.sync()).await {
+                tracing::error!(shard = self.id.0, error = %e, "shutdown: syncing the last tallies failed");
+            }
         }
     }
 
