@@ -95,6 +95,7 @@ fn coordinate(args: RunArgs) -> anyhow::Result<ExitCode> {
         derive_procs(args.users, fd_limit)
     );
     let gw_rss_before = report::rss_anon_kib(&args.gateway_pids);
+    let gw_cpu_before = report::cpu_s(&args.gateway_pids);
     let json = serde_json::to_string(&args)?;
     let exe = std::env::current_exe()?;
     let (tx, rx) = mpsc::channel::<(usize, Option<WorkerLine>)>();
@@ -193,10 +194,15 @@ fn coordinate(args: RunArgs) -> anyhow::Result<ExitCode> {
             last = (Instant::now(), total);
         }
     }
+    let gw_cpu = gw_cpu_before
+        .zip(report::cpu_s(&args.gateway_pids))
+        .map(|(a, b)| b - a);
     for mut c in children {
         let status = c.wait()?;
         anyhow::ensure!(status.success(), "a worker process failed: {status}");
     }
+    // After every worker was waited for: their CPU time is in RUSAGE_CHILDREN.
+    let lg_cpu = report::own_cpu_s();
     let results: Vec<worker::WorkerResult> = results
         .into_iter()
         .enumerate()
@@ -216,6 +222,7 @@ fn coordinate(args: RunArgs) -> anyhow::Result<ExitCode> {
         gw_rss_before,
         gw_rss_connected,
         max_connected,
+        (gw_cpu, lg_cpu),
     )?;
     rep.print_summary();
     std::fs::write(&args.report, serde_json::to_string_pretty(&rep)?)

@@ -206,6 +206,53 @@ pub struct Report {
     pub gateway_rss_connected_kib: Option<u64>,
     /// Gateway memory per connection, bytes.
     pub gateway_bytes_per_connection: Option<f64>,
+    /// CPU time (user + system) over the whole run, connect phase included: the gateway
+    /// processes' (with --gateway-pids) and the loadgen's own (its workers and itself), s.
+    pub cpu_s: RunCpu,
+}
+
+/// CPU time of one run, and per unit of the scenario's work.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct RunCpu {
+    /// Gateway processes, s (with --gateway-pids).
+    pub gateway: Option<f64>,
+    /// The loadgen's workers and coordinator, s.
+    pub loadgen: f64,
+    /// What one unit of work is ("member-delivery", "message delivered", ...), if the
+    /// scenario has one.
+    pub unit: Option<String>,
+    /// Units done over the run.
+    pub units: u64,
+}
+
+impl RunCpu {
+    /// The unit of work of a scenario, and how many the run did.
+    fn units(scenario: Scenario, c: &Counters, loss: &LossReport) -> (Option<String>, u64) {
+        let (unit, n) = match scenario {
+            Scenario::Groups => ("member-delivery", c.group_delivered),
+            Scenario::Chat | Scenario::Churn | Scenario::Offline => {
+                ("message delivered", loss.delivered_distinct)
+            }
+            Scenario::Presence => ("PRESENCE frame", c.presence),
+            Scenario::Idle | Scenario::Handshake => return (None, 0),
+        };
+        (Some(unit.to_string()), n)
+    }
+}
+
+/// CPU time (user + system) of this process and of its waited-for children, s.
+pub fn own_cpu_s() -> f64 {
+    let of = |who| {
+        // SAFETY: getrusage fills the struct it is given; a zeroed rusage is a valid value.
+        let mut r: libc::rusage = unsafe { std::mem::zeroed() };
+        // SAFETY: a valid `who` and a valid out-pointer.
+        if unsafe { libc::getrusage(who, &mut r) } != 0 {
+            return 0.0;
+        }
+        let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+        tv(r.ru_utime) + tv(r.ru_stime)
+    };
+    of(libc::RUSAGE_SELF) + of(libc::RUSAGE_CHILDREN)
 }
 
 impl Report {
@@ -220,6 +267,7 @@ impl Report {
         rss_before: Option<u64>,
         rss_connected: Option<u64>,
         max_connected: u64,
+        cpu: (Option<f64>, f64),
     ) -> anyhow::Result<Report> {
         let mut counters = Counters::default();
         let mut loss = LossReport::default();
@@ -251,6 +299,13 @@ impl Report {
         if config.key_hex.is_some() {
             config.key_hex = Some("<redacted>".into());
         }
+        let (unit, units) = RunCpu::units(args.scenario, &counters, &loss);
+        let cpu_s = RunCpu {
+            gateway: cpu.0,
+            loadgen: cpu.1,
+            unit,
+            units,
+        };
         let receipts_missing = match args.scenario {
             Scenario::Chat | Scenario::Churn => loss
                 .delivered_distinct
@@ -296,6 +351,7 @@ impl Report {
             gateway_rss_before_kib: rss_before,
             gateway_rss_connected_kib: rss_connected,
             gateway_bytes_per_connection: per_conn,
+            cpu_s,
         })
     }
 
@@ -384,6 +440,23 @@ impl Report {
         }
         if let Some(b) = self.gateway_bytes_per_connection {
             println!("gateway memory      {b:.0} bytes per connection (RssAnon delta)");
+        }
+        let cpu = &self.cpu_s;
+        let gateway = cpu.gateway.map_or("-".to_string(), |g| format!("{g:.1} s"));
+        let per = |s: f64| s * 1e6 / cpu.units.max(1) as f64;
+        match (&cpu.unit, cpu.gateway) {
+            (Some(unit), Some(g)) if cpu.units > 0 => println!(
+                "cpu (whole run)     gateway {gateway}, loadgen {:.1} s; per {unit}: gateway {:.2} us, loadgen {:.2} us",
+                cpu.loadgen,
+                per(g),
+                per(cpu.loadgen)
+            ),
+            (Some(unit), None) if cpu.units > 0 => println!(
+                "cpu (whole run)     loadgen {:.1} s; per {unit}: {:.2} us (gateway: pass --gateway-pids)",
+                cpu.loadgen,
+                per(cpu.loadgen)
+            ),
+            _ => println!("cpu (whole run)     gateway {gateway}, loadgen {:.1} s", cpu.loadgen),
         }
     }
 

@@ -469,6 +469,7 @@ fn presence_and_groups_scenarios() {
     assert!(n(&r, "latency.presence.count") > 0, "{r}");
 
     let mut a = common.to_vec();
+    let pid = g.child.id().to_string();
     a.extend([
         "groups",
         "--users",
@@ -477,10 +478,22 @@ fn presence_and_groups_scenarios() {
         "16",
         "--rate",
         "200",
+        "--gateway-pids",
+        &pid,
     ]);
     let (code, r) = loadgen(dir.path(), &a);
     assert_eq!(code, 0);
     let expected = n(&r, "counters.group_expected");
     assert!(expected > 300 * 15, "{r}");
     assert_eq!(n(&r, "counters.group_delivered"), expected);
+    // CPU per member-delivery: both processes did measurable work for every one of them.
+    let cpu = &r["cpu_s"];
+    assert_eq!(cpu["unit"], "member-delivery", "{r}");
+    assert_eq!(n(&r, "cpu_s.units"), expected);
+    for who in ["gateway", "loadgen"] {
+        let s = cpu[who]
+            .as_f64()
+            .unwrap_or_else(|| panic!("cpu_s.{who} missing: {r}"));
+        assert!(s > 0.0 && s < 120.0, "cpu_s.{who} = {s}");
+    }
 }
