@@ -186,6 +186,8 @@ pub struct ShardSnapshot {
     pub group_deliveries: u64,
     /// Group messages and events a member missed: its queue was full.
     pub group_queue_full: u64,
+    /// Group receipt tallies written to the store (checkpoints).
+    pub group_tally_writes: u64,
     /// Outbound bytes queued on the shard's connections now (the memory budget's gauge).
     pub outbound_bytes_queued: u64,
     /// Group commit latency, µs, at [`LATENCY_BOUNDS_US`].
@@ -622,6 +624,13 @@ impl prometheus_client::collector::Collector for Snapshots {
             f,
             |s| s.group_queue_full,
         )?;
+        counter(
+            e,
+            "group_tally_writes",
+            "Group receipt tallies written to or deleted from the store (checkpoints every sweep and at shutdown)",
+            f,
+            |s| s.group_tally_writes,
+        )?;
         gauge(
             e,
             "outbound_bytes_queued",
@@ -752,6 +761,7 @@ mod tests {
             sends_blocked: 0,
             group_deliveries: 0,
             group_queue_full: 0,
+            group_tally_writes: 0,
             outbound_bytes_queued: 0,
             commit_us: Buckets::default(),
             commit_ops: Buckets::default(),

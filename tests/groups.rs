@@ -698,7 +698,7 @@ fn receipt_tallies_checkpointed_before_a_kill_9_go_on_after_it() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = node_config(dir.path(), "");
     let log = dir.path().join("node.log");
-    let (mut node, addr, _) = spawn_node(&cfg, &log);
+    let (mut node, addr, admin) = spawn_node(&cfg, &log);
     let (a, g) = (user_on_shard(200, 1, 2), 808);
     let (m1, m2) = (user_on_shard(2000, 0, 2), user_on_shard(3000, 1, 2));
     let mut ca = login(addr, a, 1);
@@ -709,13 +709,30 @@ fn receipt_tallies_checkpointed_before_a_kill_9_go_on_after_it() {
         ServerFrame::SendAck { server_msg_id, .. } => server_msg_id,
         other => panic!("expected SEND_ACK, got {other:?}"),
     };
+    // Tallies are written at the sweep after they change (every 250 ms). Wait for the new
+    // tally's write, so that the next write is the one that holds the member's ACK.
+    let wait_for_writes = |n: f64| {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        loop {
+            let body = http(admin, "GET", "/metrics").1;
+            let writes = metric(&body, "gatehouse_group_tally_writes_total", "");
+            if writes >= n {
+                return writes;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{writes} tally writes after 30 s"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    };
+    let started = wait_for_writes(1.0);
     let mut c1 = login(addr, m1, 1);
     assert!(
         matches!(next_non_event(&mut c1), ServerFrame::GroupDeliver { server_msg_id, .. } if c1.ack(&[server_msg_id]).is_ok())
     );
     assert_eq!(expect_group_receipt(&mut ca, msg), (1, 0, 2));
-    // The tally is written at the next sweep (every 250 ms); give it four.
-    std::thread::sleep(std::time::Duration::from_millis(1_000));
+    wait_for_writes(started + 1.0);
     node.kill().unwrap();
     node.wait().unwrap();
 

@@ -364,6 +364,8 @@ pub struct ShardStats {
     pub group_deliveries: Cell<u64>,
     /// Group messages and events a member did not get: its queue was full.
     pub group_queue_full: Cell<u64>,
+    /// Group receipt tallies written to (or deleted from) the store by checkpoints.
+    pub group_tally_writes: Cell<u64>,
 }
 
 fn bump(c: &Cell<u64>, n: u64) {
@@ -1860,15 +1862,10 @@ impl Shard {
                                 self.route(owner_shard(to, self.shards), env);
                             }
                         }
+                        (Op::Tally { .. }, _) => bump(&self.stats.group_tally_writes, 1),
                         (Op::Delete { .. }, _)
                         | (Op::Append { .. }, OpOutcome::Deleted(_) | OpOutcome::Written)
-                        | (
-                            Op::LastSeen { .. }
-                            | Op::Privacy { .. }
-                            | Op::Block { .. }
-                            | Op::Tally { .. },
-                            _,
-                        ) => {}
+                        | (Op::LastSeen { .. } | Op::Privacy { .. } | Op::Block { .. }, _) => {}
                     }
                 }
             }
@@ -2154,6 +2151,7 @@ impl Shard {
             sends_blocked: st.sends_blocked.get(),
             group_deliveries: st.group_deliveries.get(),
             group_queue_full: st.group_queue_full.get(),
+            group_tally_writes: st.group_tally_writes.get(),
             outbound_bytes_queued: io.out_bytes_queued.get(),
             commit_us: Buckets::from_histogram(&self.commit_us.borrow(), &LATENCY_BOUNDS_US),
             commit_ops: Buckets::from_histogram(&self.commit_ops.borrow(), &BATCH_BOUNDS),
