@@ -194,15 +194,16 @@ fn coordinate(args: RunArgs) -> anyhow::Result<ExitCode> {
             last = (Instant::now(), total);
         }
     }
-    let gw_cpu = gw_cpu_before
-        .zip(report::cpu_s(&args.gateway_pids))
-        .map(|(a, b)| b - a);
     for mut c in children {
         let status = c.wait()?;
         anyhow::ensure!(status.success(), "a worker process failed: {status}");
     }
-    // After every worker was waited for: their CPU time is in RUSAGE_CHILDREN.
+    // Both after every worker was waited for: their CPU time is in RUSAGE_CHILDREN, and the
+    // gateways' share of closing their connections is in.
     let lg_cpu = report::own_cpu_s();
+    let gw_cpu = gw_cpu_before
+        .zip(report::cpu_s(&args.gateway_pids))
+        .map(|(a, b)| b - a);
     let results: Vec<worker::WorkerResult> = results
         .into_iter()
         .enumerate()

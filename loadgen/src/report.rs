@@ -207,17 +207,19 @@ pub struct Report {
     /// Gateway memory per connection, bytes.
     pub gateway_bytes_per_connection: Option<f64>,
     /// CPU time (user + system) over the whole run, connect phase included: the gateway
-    /// processes' (with --gateway-pids) and the loadgen's own (its workers and itself), s.
-    pub cpu_s: RunCpu,
+    /// processes' (with --gateway-pids) and the loadgen's own (its workers and itself).
+    pub cpu: RunCpu,
 }
 
 /// CPU time of one run, and per unit of the scenario's work.
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct RunCpu {
     /// Gateway processes, s (with --gateway-pids).
-    pub gateway: Option<f64>,
+    pub gateway_s: Option<f64>,
     /// The loadgen's workers and coordinator, s.
-    pub loadgen: f64,
+    pub loadgen_s: f64,
+    /// Of which the workers', s.
+    pub loadgen_workers_s: f64,
     /// What one unit of work is ("member-delivery", "message delivered", ...), if the
     /// scenario has one.
     pub unit: Option<String>,
@@ -240,8 +242,9 @@ impl RunCpu {
     }
 }
 
-/// CPU time (user + system) of this process and of its waited-for children, s.
-pub fn own_cpu_s() -> f64 {
+/// CPU time (user + system) of this process and of its waited-for children, s: (both, the
+/// children's).
+pub fn own_cpu_s() -> (f64, f64) {
     let of = |who| {
         // SAFETY: getrusage fills the struct it is given; a zeroed rusage is a valid value.
         let mut r: libc::rusage = unsafe { std::mem::zeroed() };
@@ -252,7 +255,8 @@ pub fn own_cpu_s() -> f64 {
         let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
         tv(r.ru_utime) + tv(r.ru_stime)
     };
-    of(libc::RUSAGE_SELF) + of(libc::RUSAGE_CHILDREN)
+    let children = of(libc::RUSAGE_CHILDREN);
+    (of(libc::RUSAGE_SELF) + children, children)
 }
 
 impl Report {
@@ -267,7 +271,7 @@ impl Report {
         rss_before: Option<u64>,
         rss_connected: Option<u64>,
         max_connected: u64,
-        cpu: (Option<f64>, f64),
+        cpu: (Option<f64>, (f64, f64)),
     ) -> anyhow::Result<Report> {
         let mut counters = Counters::default();
         let mut loss = LossReport::default();
@@ -300,9 +304,10 @@ impl Report {
             config.key_hex = Some("<redacted>".into());
         }
         let (unit, units) = RunCpu::units(args.scenario, &counters, &loss);
-        let cpu_s = RunCpu {
-            gateway: cpu.0,
-            loadgen: cpu.1,
+        let cpu = RunCpu {
+            gateway_s: cpu.0,
+            loadgen_s: cpu.1 .0,
+            loadgen_workers_s: cpu.1 .1,
             unit,
             units,
         };
@@ -351,7 +356,7 @@ impl Report {
             gateway_rss_before_kib: rss_before,
             gateway_rss_connected_kib: rss_connected,
             gateway_bytes_per_connection: per_conn,
-            cpu_s,
+            cpu,
         })
     }
 
@@ -441,23 +446,23 @@ impl Report {
         if let Some(b) = self.gateway_bytes_per_connection {
             println!("gateway memory      {b:.0} bytes per connection (RssAnon delta)");
         }
-        let cpu = &self.cpu_s;
-        let gateway = cpu.gateway.map_or("-".to_string(), |g| format!("{g:.1} s"));
+        let cpu = &self.cpu;
         let per = |s: f64| s * 1e6 / cpu.units.max(1) as f64;
-        match (&cpu.unit, cpu.gateway) {
-            (Some(unit), Some(g)) if cpu.units > 0 => println!(
-                "cpu (whole run)     gateway {gateway}, loadgen {:.1} s; per {unit}: gateway {:.2} us, loadgen {:.2} us",
-                cpu.loadgen,
-                per(g),
-                per(cpu.loadgen)
-            ),
-            (Some(unit), None) if cpu.units > 0 => println!(
-                "cpu (whole run)     loadgen {:.1} s; per {unit}: {:.2} us (gateway: pass --gateway-pids)",
-                cpu.loadgen,
-                per(cpu.loadgen)
-            ),
-            _ => println!("cpu (whole run)     gateway {gateway}, loadgen {:.1} s", cpu.loadgen),
+        let gateway = cpu
+            .gateway_s
+            .map_or("- (no --gateway-pids)".to_string(), |g| format!("{g:.1} s"));
+        let mut line = format!(
+            "cpu (whole run)     gateway {gateway}, loadgen {:.1} s",
+            cpu.loadgen_s
+        );
+        if let (Some(unit), true) = (&cpu.unit, cpu.units > 0) {
+            line += &format!("; per {unit}:");
+            if let Some(g) = cpu.gateway_s {
+                line += &format!(" gateway {:.2} us,", per(g));
+            }
+            line += &format!(" loadgen {:.2} us", per(cpu.loadgen_s));
         }
+        println!("{line}");
     }
 
     /// Exit status: 1 if any acknowledged message was lost, 3 if not every user connected or

@@ -703,7 +703,9 @@ impl Shard {
         {
             glommio::timer::sleep(Duration::from_millis(5)).await;
         }
-        shard.flush_tallies().await;
+        // Within the process's own bound on a drain (`DRAIN_GRACE_MS` past the deadline).
+        let flush_by = drain_start + Duration::from_millis(shard.cfg.drain_deadline_ms + 3_000);
+        shard.flush_tallies(flush_by).await;
         for t in [syncer, committer] {
             t.cancel().await;
         }
