@@ -638,6 +638,26 @@ fn a_group_emptied_by_its_last_member_is_gone_at_once() {
     node.shutdown().unwrap();
 }
 
+/// Creates group `g` with `members` (the creator is `c`'s user), sends `body` to it and
+/// returns the message's id from its SEND_ACK.
+fn send_to_new_group(c: &mut Client, g: u64, members: &[u64], body: &[u8]) -> ServerMsgId {
+    group(c, 1, g, GroupOp::Create, members);
+    expect_ok(c, 1);
+    group_send(c, 2, g, body);
+    match next_non_event(c) {
+        ServerFrame::SendAck { server_msg_id, .. } => server_msg_id,
+        other => panic!("expected SEND_ACK, got {other:?}"),
+    }
+}
+
+/// The next GROUP_DELIVER, skipping events, ACKed.
+fn receive_and_ack(c: &mut Client) {
+    match next_non_event(c) {
+        ServerFrame::GroupDeliver { server_msg_id, .. } => c.ack(&[server_msg_id]).unwrap(),
+        other => panic!("expected GROUP_DELIVER, got {other:?}"),
+    }
+}
+
 #[test]
 fn aggregated_receipts_go_on_after_a_restart() {
     let dir = tempfile::tempdir().unwrap();
@@ -646,27 +666,17 @@ fn aggregated_receipts_go_on_after_a_restart() {
     let (a, g) = (user_on_shard(200, 0, 2), 707);
     let (m1, m2) = (user_on_shard(2000, 1, 2), user_on_shard(3000, 0, 2));
     let mut ca = login(node.local_addr, a, 1);
-    group(&mut ca, 1, g, GroupOp::Create, &[m1, m2]);
-    expect_ok(&mut ca, 1);
-    group_send(&mut ca, 2, g, b"across a restart");
-    let msg = match next_non_event(&mut ca) {
-        ServerFrame::SendAck { server_msg_id, .. } => server_msg_id,
-        other => panic!("expected SEND_ACK, got {other:?}"),
-    };
+    let msg = send_to_new_group(&mut ca, g, &[m1, m2], b"across a restart");
     // One member receives it before the restart, the other after.
     let mut c1 = login(node.local_addr, m1, 1);
-    assert!(
-        matches!(next_non_event(&mut c1), ServerFrame::GroupDeliver { server_msg_id, .. } if c1.ack(&[server_msg_id]).is_ok())
-    );
+    receive_and_ack(&mut c1);
     assert_eq!(expect_group_receipt(&mut ca, msg), (1, 0, 2));
     drop((ca, c1));
     node.shutdown().unwrap();
 
     let node = start(cfg);
     let mut c2 = login(node.local_addr, m2, 1);
-    assert!(
-        matches!(next_non_event(&mut c2), ServerFrame::GroupDeliver { server_msg_id, .. } if c2.ack(&[server_msg_id]).is_ok())
-    );
+    receive_and_ack(&mut c2);
     let mut ca = login(node.local_addr, a, 1);
     assert_eq!(expect_group_receipt(&mut ca, msg), (2, 0, 2));
     for c in [&mut c2, &mut login(node.local_addr, m1, 1)] {
@@ -702,13 +712,7 @@ fn receipt_tallies_checkpointed_before_a_kill_9_go_on_after_it() {
     let (a, g) = (user_on_shard(200, 1, 2), 808);
     let (m1, m2) = (user_on_shard(2000, 0, 2), user_on_shard(3000, 1, 2));
     let mut ca = login(addr, a, 1);
-    group(&mut ca, 1, g, GroupOp::Create, &[m1, m2]);
-    expect_ok(&mut ca, 1);
-    group_send(&mut ca, 2, g, b"before the crash");
-    let msg = match next_non_event(&mut ca) {
-        ServerFrame::SendAck { server_msg_id, .. } => server_msg_id,
-        other => panic!("expected SEND_ACK, got {other:?}"),
-    };
+    let msg = send_to_new_group(&mut ca, g, &[m1, m2], b"before the crash");
     // Tallies are written at the sweep after they change (every 250 ms). Wait for the new
     // tally's write, so that the next write is the one that holds the member's ACK.
     let wait_for_writes = |n: f64| {
@@ -728,9 +732,7 @@ fn receipt_tallies_checkpointed_before_a_kill_9_go_on_after_it() {
     };
     let started = wait_for_writes(1.0);
     let mut c1 = login(addr, m1, 1);
-    assert!(
-        matches!(next_non_event(&mut c1), ServerFrame::GroupDeliver { server_msg_id, .. } if c1.ack(&[server_msg_id]).is_ok())
-    );
+    receive_and_ack(&mut c1);
     assert_eq!(expect_group_receipt(&mut ca, msg), (1, 0, 2));
     wait_for_writes(started + 1.0);
     node.kill().unwrap();
@@ -738,9 +740,7 @@ fn receipt_tallies_checkpointed_before_a_kill_9_go_on_after_it() {
 
     let (_node, addr, _) = spawn_node(&cfg, &log);
     let mut c2 = login(addr, m2, 1);
-    assert!(
-        matches!(next_non_event(&mut c2), ServerFrame::GroupDeliver { server_msg_id, .. } if c2.ack(&[server_msg_id]).is_ok())
-    );
+    receive_and_ack(&mut c2);
     let mut ca = login(addr, a, 1);
     assert_eq!(expect_group_receipt(&mut ca, msg), (2, 0, 2));
 }
@@ -753,18 +753,10 @@ fn a_count_whose_delete_commits_during_the_drain_survives_a_planned_restart() {
     let (a, g) = (user_on_shard(300, 0, 2), 909);
     let (m1, m2) = (user_on_shard(4000, 1, 2), user_on_shard(5000, 0, 2));
     let mut ca = login(node.local_addr, a, 1);
-    group(&mut ca, 1, g, GroupOp::Create, &[m1, m2]);
-    expect_ok(&mut ca, 1);
-    group_send(&mut ca, 2, g, b"acknowledged as the node stops");
-    let msg = match next_non_event(&mut ca) {
-        ServerFrame::SendAck { server_msg_id, .. } => server_msg_id,
-        other => panic!("expected SEND_ACK, got {other:?}"),
-    };
+    let msg = send_to_new_group(&mut ca, g, &[m1, m2], b"acknowledged as the node stops");
     drop(ca);
     let mut c1 = login(node.local_addr, m1, 1);
-    assert!(
-        matches!(next_non_event(&mut c1), ServerFrame::GroupDeliver { server_msg_id, .. } if c1.ack(&[server_msg_id]).is_ok())
-    );
+    receive_and_ack(&mut c1);
     // The server has read the ACK (frames are handled in order) when the PONG comes; its
     // delete, and so the count, commit during the drain.
     c1.send(&ClientFrame::Ping { nonce: 1 }).unwrap();
@@ -773,9 +765,7 @@ fn a_count_whose_delete_commits_during_the_drain_survives_a_planned_restart() {
 
     let node = start(cfg);
     let mut c2 = login(node.local_addr, m2, 1);
-    assert!(
-        matches!(next_non_event(&mut c2), ServerFrame::GroupDeliver { server_msg_id, .. } if c2.ack(&[server_msg_id]).is_ok())
-    );
+    receive_and_ack(&mut c2);
     let mut ca = login(node.local_addr, a, 1);
     // The first-delivered receipt may come first, if it was queued before the stop.
     let mut got = expect_group_receipt(&mut ca, msg);
