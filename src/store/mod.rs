@@ -1216,12 +1216,18 @@ mod tests {
         }
     }
 
-    #[test]
-    fn tallies_are_written_read_back_in_message_order_and_deleted() {
+    /// A store of one shard in a new temporary directory (kept alive by the first value).
+    fn temp_store() -> (tempfile::TempDir, Store) {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path(), ShardId(0), 1, 16, SyncPolicy::None)
             .unwrap()
             .store;
+        (dir, store)
+    }
+
+    #[test]
+    fn tallies_are_written_read_back_in_message_order_and_deleted() {
+        let (_dir, store) = temp_store();
         let rec = |group, delivered| TallyRecord {
             group,
             sender: UserId(u64::MAX - 1),
@@ -1265,10 +1271,7 @@ mod tests {
 
     #[test]
     fn a_group_body_is_stored_once_per_shard_and_freed_with_its_last_member() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path(), ShardId(0), 1, 16, SyncPolicy::None)
-            .unwrap()
-            .store;
+        let (_dir, store) = temp_store();
         let body = Bytes::from(vec![9u8; 10_000]);
         let item = Item::GroupMessage {
             group: 5,
@@ -1346,10 +1349,7 @@ mod tests {
 
     #[test]
     fn body_references_follow_appends_and_deletes_within_one_transaction() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path(), ShardId(0), 1, 16, SyncPolicy::None)
-            .unwrap()
-            .store;
+        let (_dir, store) = temp_store();
         let limits = QueueLimits {
             messages_max: 10,
             receipts_max: 10,
