@@ -362,7 +362,10 @@ pub fn start(config: Config) -> anyhow::Result<ServerHandle> {
         let cpu = cpus[(config.server.first_cpu + i) % cpus.len()];
         // Placement::Fixed pins the thread before the reactor allocates, so core_affinity is
         // not needed. The blocking pool (LMDB commits) is left unbound so the kernel can run a
-        // commit on whichever core is idle.
+        // commit on whichever core is idle. It has two threads so that the periodic fsync of
+        // `sync = "batch"` (an fdatasync that takes no LMDB lock) runs beside a commit instead
+        // of in front of it; the committer still keeps one write transaction in flight at a
+        // time (docs/architecture.md, Group commit).
         let handle = LocalExecutorBuilder::new(Placement::Fixed(cpu))
             // Threads are named `gh-shard-N-ID` (glommio adds its executor id; the kernel
             // keeps 15 bytes). The start probe finds the shard's thread by that name.
@@ -372,7 +375,7 @@ pub fn start(config: Config) -> anyhow::Result<ServerHandle> {
             .preempt_timer(std::time::Duration::from_micros(
                 config.runtime.preempt_timer_us,
             ))
-            .blocking_thread_pool_placement(PoolPlacement::Unbound(1))
+            .blocking_thread_pool_placement(PoolPlacement::Unbound(2))
             .spawn(move || Shard::run(seed))
             .map_err(|e| anyhow::anyhow!("starting shard {i} on CPU {cpu}: {e}"))?;
         probes[i].set_thread(handle.thread());

@@ -11,7 +11,8 @@
 //!   never awaits a send) and one flusher per peer shard (sends batches, never receives).
 //!   Keeping receive and send in separate tasks avoids glommio's channel deadlock (#555);
 //! - `store`: the group committer (one LMDB write transaction in flight at a time, run on the
-//!   blocking pool) and, with `sync = "batch"`, the periodic fsync;
+//!   blocking pool) and, with `sync = "batch"`, the periodic fsync (on the pool's second
+//!   thread, so that it does not hold up a commit);
 //! - `housekeeping`: the heartbeat (bounds glommio 0.9's executor stall, see
 //!   [`super::watchdog`]) and the timeout sweep.
 //!
