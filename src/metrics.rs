@@ -221,7 +221,9 @@ impl Buckets {
         for v in h.iter_recorded().take_while(|_| !h.is_empty()) {
             let value = v.value_iterated_to();
             let n = v.count_at_value();
-            let i = bounds.partition_point(|&b| b < value);
+            // hdrhistogram reports the top of its bucket: a value recorded exactly at a bound
+            // (a commit of `COMMIT_OPS_MAX` ops) would otherwise land above it.
+            let i = bounds.partition_point(|&b| b < h.lowest_equivalent(value));
             counts[i] += n;
             sum += h.median_equivalent(value) as f64 * n as f64;
         }
@@ -254,7 +256,9 @@ pub const LATENCY_BOUNDS_US: [u64; 16] = [
     1_000_000, 2_500_000, 5_000_000, 10_000_000,
 ];
 /// Histogram bucket bounds for ops per group commit.
-pub const BATCH_BOUNDS: [u64; 13] = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096, 16384];
+pub const BATCH_BOUNDS: [u64; 14] = [
+    1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096, 16384, 65536,
+];
 const _: () =
     assert!(BATCH_BOUNDS[BATCH_BOUNDS.len() - 1] as usize >= crate::limits::COMMIT_OPS_MAX);
 
@@ -767,6 +771,19 @@ mod tests {
             commit_ops: Buckets::default(),
             deliver_us: Buckets::default(),
         }
+    }
+
+    #[test]
+    fn a_value_recorded_at_a_bound_counts_in_that_bound_s_bucket() {
+        let mut h = latency_histogram();
+        let top = BATCH_BOUNDS[BATCH_BOUNDS.len() - 1];
+        h.record(top).unwrap(); // a commit of exactly COMMIT_OPS_MAX ops
+        h.record(16_384).unwrap();
+        h.record(top * 2).unwrap();
+        let b = Buckets::from_histogram(&h, &BATCH_BOUNDS);
+        assert_eq!(b.counts[BATCH_BOUNDS.len() - 1], 1, "{:?}", b.counts);
+        assert_eq!(b.counts[BATCH_BOUNDS.len() - 2], 1, "{:?}", b.counts);
+        assert_eq!(b.counts[BATCH_BOUNDS.len()], 1, "overflow: {:?}", b.counts);
     }
 
     #[test]
