@@ -192,17 +192,23 @@ pub enum Envelope {
         /// Members owned by the destination shard.
         recipients: Vec<UserId>,
     },
-    /// Members received (`read` false: their device acknowledged) or read these group
-    /// messages: to the group's shard, which keeps the tallies.
-    GroupTally {
+    /// A member read these group messages (GROUP_READ): to the group's shard, which keeps the
+    /// tallies.
+    GroupRead {
         /// The group.
         group: u64,
         /// The messages' group ids.
         msg_ids: Vec<ServerMsgId>,
         /// The member (a read counts only from a member of the group).
         member: UserId,
-        /// Read (else delivered).
-        read: bool,
+    },
+    /// Members' devices acknowledged group messages, and the deletes committed: per
+    /// (group, group message id), how many members, to the group's shard. One envelope per
+    /// destination shard per commit, not one per member (measured: one per member cost about
+    /// 8% of the gateway's CPU per member-delivery, docs/benchmarks.md).
+    GroupDelivered {
+        /// Sorted by group and id.
+        counts: Vec<DeliveredCount>,
     },
     /// A member shard has committed its part of a fan-out.
     FanoutDone {
@@ -1395,7 +1401,8 @@ impl Shard {
             env @ (Envelope::Group { .. }
             | Envelope::Reply { .. }
             | Envelope::GroupFanout { .. }
-            | Envelope::GroupTally { .. }
+            | Envelope::GroupRead { .. }
+            | Envelope::GroupDelivered { .. }
             | Envelope::FanoutDone { .. }) => self.handle_group_envelope(env),
             other => self.handle_presence_envelope(other),
         }
@@ -1762,6 +1769,8 @@ impl Shard {
         };
         match result {
             Ok(outcomes) => {
+                // Group messages whose delete committed: counted per message below.
+                let mut delivered: Vec<(ShardId, u64, ServerMsgId)> = Vec::new();
                 for ((op, completion), outcome) in ops.into_iter().zip(completions).zip(outcomes) {
                     match (op, outcome) {
                         (Op::Append { user, id, item }, OpOutcome::Appended) => {
@@ -1837,17 +1846,13 @@ impl Shard {
                                 );
                             }
                         }
-                        (Op::Delete { user, .. }, OpOutcome::Deleted(true)) => {
+                        (Op::Delete { .. }, OpOutcome::Deleted(true)) => {
                             if let Completion::GroupDelivered { group, msg_id } = completion {
-                                self.route(
+                                delivered.push((
                                     groups::group_shard(group, self.shards),
-                                    Envelope::GroupTally {
-                                        group,
-                                        msg_ids: vec![msg_id],
-                                        member: user,
-                                        read: false,
-                                    },
-                                );
+                                    group,
+                                    msg_id,
+                                ));
                             } else if let Completion::Receipt {
                                 to,
                                 from,
@@ -1871,6 +1876,7 @@ impl Shard {
                         | (Op::LastSeen { .. } | Op::Privacy { .. } | Op::Block { .. }, _) => {}
                     }
                 }
+                self.send_delivered_counts(delivered);
             }
             Err(e) => {
                 self.stats
@@ -1921,6 +1927,14 @@ impl Shard {
                     }
                 }
             }
+        }
+    }
+
+    /// Sends the group's shards how many members' deletes of each group message committed:
+    /// one `GroupDelivered` per destination shard.
+    fn send_delivered_counts(&self, delivered: Vec<(ShardId, u64, ServerMsgId)>) {
+        for (to, counts) in count_delivered(delivered) {
+            self.route(to, Envelope::GroupDelivered { counts });
         }
     }
 
@@ -2165,5 +2179,56 @@ impl Shard {
     /// Connections on this shard now.
     pub fn connection_count(&self) -> usize {
         self.conns.borrow().len()
+    }
+}
+
+/// (group, group message id, members) in a `GroupDelivered` envelope.
+type DeliveredCount = (u64, ServerMsgId, u32);
+
+/// Counts committed deletes of group messages: per destination shard, per (group, group
+/// message id), how many members (`Shard::send_delivered_counts`).
+fn count_delivered(
+    mut delivered: Vec<(ShardId, u64, ServerMsgId)>,
+) -> Vec<(ShardId, Vec<DeliveredCount>)> {
+    delivered.sort_unstable();
+    let mut out: Vec<(ShardId, Vec<DeliveredCount>)> = Vec::new();
+    for (shard, group, msg_id) in delivered {
+        if out.last().is_none_or(|(to, _)| *to != shard) {
+            out.push((shard, Vec::new()));
+        }
+        let counts = &mut out.last_mut().expect("pushed above").1;
+        match counts.last_mut() {
+            Some((g, m, n)) if *g == group && *m == msg_id => *n += 1,
+            _ => counts.push((group, msg_id, 1)),
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod delivered_counts_tests {
+    use super::*;
+
+    #[test]
+    fn deletes_are_counted_per_message_in_one_list_per_shard() {
+        let (s0, s1) = (ShardId(0), ShardId(1));
+        let (a, b) = (ServerMsgId(10), ServerMsgId(11));
+        let out = count_delivered(vec![
+            (s1, 7, a),
+            (s0, 4, b),
+            (s1, 7, a),
+            (s0, 4, a),
+            (s1, 9, a),
+            (s0, 4, b),
+            (s1, 7, a),
+        ]);
+        assert_eq!(
+            out,
+            vec![
+                (s0, vec![(4, a, 1), (4, b, 2)]),
+                (s1, vec![(7, a, 3), (9, a, 1)]),
+            ]
+        );
+        assert!(count_delivered(Vec::new()).is_empty());
     }
 }

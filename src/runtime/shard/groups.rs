@@ -216,25 +216,28 @@ impl Shard {
                     );
                 }
             }
-            Envelope::GroupTally {
+            Envelope::GroupRead {
                 group,
                 msg_ids,
                 member,
-                read,
             } => {
-                // A delivered tally comes from the member's own queue; a read only counts
-                // from a member (a GROUP_READ can name any ids).
-                let is_member = || {
-                    self.members_of(group)
-                        .ok()
-                        .flatten()
-                        .is_some_and(|m| role_of(&m, member).is_some())
-                };
-                if read && !is_member() {
+                // A read only counts from a member (a GROUP_READ can name any ids).
+                let is_member = self
+                    .members_of(group)
+                    .ok()
+                    .flatten()
+                    .is_some_and(|m| role_of(&m, member).is_some());
+                if !is_member {
                     return;
                 }
                 for msg_id in msg_ids {
-                    self.tally(group, msg_id, read);
+                    self.tally(group, msg_id, true, 1);
+                }
+            }
+            Envelope::GroupDelivered { counts } => {
+                // Delivered counts come from the members' own queues.
+                for (group, msg_id, n) in counts {
+                    self.tally(group, msg_id, false, n);
                 }
             }
             Envelope::FanoutDone { fanout, failed } => {
@@ -288,20 +291,21 @@ impl Shard {
         }
         self.route(
             group_shard(group, self.shards),
-            Envelope::GroupTally {
+            Envelope::GroupRead {
                 group,
                 msg_ids: ids,
                 member: user,
-                read: true,
             },
         );
     }
 
-    /// Counts one delivery or read of a group message, and queues an aggregated receipt for
+    /// Counts `n` deliveries or reads of a group message, and queues an aggregated receipt for
     /// its sender at the first and at the last member of each kind: at most four receipts per
-    /// message, whatever the group's size. Tallies of unknown messages (older than the
-    /// tallies kept) are ignored; the tallies survive a restart (`checkpoint_tallies`).
-    fn tally(&self, group: u64, msg_id: ServerMsgId, read: bool) {
+    /// message, whatever the group's size. (Deliveries arrive counted per commit of the
+    /// member's shard, so the "first" receipt can already count several members.) Tallies of
+    /// unknown messages (older than the tallies kept) are ignored; the tallies survive a
+    /// restart (`checkpoint_tallies`).
+    fn tally(&self, group: u64, msg_id: ServerMsgId, read: bool, n: u32) {
         let report = {
             let mut tallies = self.tallies.borrow_mut();
             let Some(t) = tallies.get_mut(&(group, msg_id)) else {
@@ -314,14 +318,15 @@ impl Shard {
             };
             // A member that reads twice counts twice; the count stops at the member count.
             let before = *count;
-            *count = (before + 1).min(t.members);
+            let n = u16::try_from(n).unwrap_or(u16::MAX);
+            *count = before.saturating_add(n).min(t.members);
             let count = *count;
             if count == before {
                 return; // nothing changed, so nothing to report or to write
             }
             self.tallies_dirty.borrow_mut().insert((group, msg_id));
             let mut bit = 0;
-            if count == 1 && t.reported & first_bit == 0 {
+            if before == 0 && t.reported & first_bit == 0 {
                 bit |= first_bit;
             }
             if count == t.members && t.reported & all_bit == 0 {
