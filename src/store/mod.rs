@@ -368,6 +368,49 @@ pub enum Op {
     },
 }
 
+/// How many of `ops` (at least one, at most `max_ops`) make one commit whose estimated bytes
+/// stay within `max_bytes`. The estimate: 64 bytes of key and header per op, plus each body
+/// once; a group body of `limits::GROUP_BODY_SHARED_MIN_BYTES` or more, shared with the op
+/// before (one fan-out's appends are consecutive), counts once per run of such ops, as the
+/// store keeps it once per shard.
+pub fn batch_len<'a>(ops: impl Iterator<Item = &'a Op>, max_ops: usize, max_bytes: usize) -> usize {
+    let mut n = 0;
+    let mut bytes = 0usize;
+    let mut last_shared: Option<*const u8> = None;
+    for op in ops.take(max_ops) {
+        let mut b = 64;
+        let mut shared = None;
+        match op {
+            Op::Append { item, .. } => match item {
+                Item::Message { body, .. } => b += body.len(),
+                Item::GroupMessage { body, .. } => {
+                    if body.len() >= crate::limits::GROUP_BODY_SHARED_MIN_BYTES {
+                        shared = Some(body.as_ptr());
+                    }
+                    if shared.is_none() || shared != last_shared {
+                        b += body.len();
+                    }
+                }
+                Item::GroupEvent { users, .. } => b += 8 * users.len(),
+                Item::GroupReceipt { .. } | Item::Receipt { .. } => {}
+            },
+            Op::PutGroup { members, .. } => b += 9 * members.len(),
+            Op::Delete { .. }
+            | Op::LastSeen { .. }
+            | Op::Privacy { .. }
+            | Op::Block { .. }
+            | Op::Tally { .. } => {}
+        }
+        last_shared = shared;
+        if n > 0 && bytes + b > max_bytes {
+            break;
+        }
+        bytes += b;
+        n += 1;
+    }
+    n
+}
+
 /// How many members received and read one group message, and which aggregated receipts its
 /// sender has been sent: kept in memory by the group's shard, checkpointed to its store.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -1124,6 +1167,11 @@ impl Store {
         Ok(())
     }
 
+    /// The size of the environment's map, in bytes (`store.map_size_mib`).
+    pub fn map_bytes(&self) -> usize {
+        self.env.info().map_size
+    }
+
     /// Forces every committed write to stable storage (the `batch` policy's periodic sync).
     /// Blocking.
     pub fn sync(&self) -> Result<(), StoreError> {
@@ -1223,6 +1271,97 @@ mod tests {
             .unwrap()
             .store;
         (dir, store)
+    }
+
+    #[test]
+    fn batch_len_bounds_ops_and_bytes_and_counts_a_shared_group_body_once() {
+        let big = |n: usize| Item::Message {
+            sender: UserId(9),
+            sender_device: DeviceId(1),
+            ts_ms: 5,
+            body: Bytes::from(vec![1u8; n]),
+        };
+        let append = |id: u64, item: Item| Op::Append {
+            user: UserId(id),
+            id: ServerMsgId(id),
+            item,
+        };
+        let small: Vec<Op> = (1..=10).map(|i| append(i, msg(1))).collect();
+        assert_eq!(batch_len(small.iter(), 4, usize::MAX), 4);
+        assert_eq!(batch_len(small.iter(), 100, usize::MAX), 10);
+        assert_eq!(batch_len(small.iter().take(0), 100, 10), 0);
+        // 64 + 3 bytes each: two fit in 134, not three.
+        assert_eq!(batch_len(small.iter(), 100, 134), 2);
+        // One op larger than the bound still goes alone.
+        let large: Vec<Op> = (1..=3).map(|i| append(i, big(10_000))).collect();
+        assert_eq!(batch_len(large.iter(), 100, 1_000), 1);
+        assert_eq!(batch_len(large.iter(), 100, 20_200), 2);
+        // A fan-out of one shared 10 kB body to 100 members counts the body once.
+        let body = Bytes::from(vec![2u8; 10_000]);
+        let member = |u: u64| {
+            append(
+                u,
+                Item::GroupMessage {
+                    group: 1,
+                    msg_id: ServerMsgId(1),
+                    sender: UserId(9),
+                    sender_device: DeviceId(1),
+                    ts_ms: 5,
+                    body: body.clone(),
+                },
+            )
+        };
+        let fanout: Vec<Op> = (1..=100).map(member).collect();
+        assert_eq!(batch_len(fanout.iter(), 1_000, 10_000 + 100 * 64), 100);
+        assert_eq!(batch_len(fanout.iter(), 1_000, 10_000 + 99 * 64), 99);
+    }
+
+    #[test]
+    fn commits_bounded_by_batch_len_fit_a_map_that_one_commit_of_everything_overflows() {
+        // 300 messages of 60 KiB, each appended and acknowledged: 19 MB of pages in one
+        // transaction (LMDB reuses freed pages only after a commit), more than the 16 MiB map.
+        let (_dir, store) = temp_store();
+        let body = Bytes::from(vec![7u8; 60 * 1024]);
+        let mut ops = Vec::new();
+        for i in 1..=300u64 {
+            ops.push(Op::Append {
+                user: UserId(1),
+                id: ServerMsgId(i),
+                item: Item::Message {
+                    sender: UserId(9),
+                    sender_device: DeviceId(1),
+                    ts_ms: 5,
+                    body: body.clone(),
+                },
+            });
+            ops.push(Op::Delete {
+                user: UserId(1),
+                id: ServerMsgId(i),
+            });
+        }
+        assert!(
+            matches!(
+                store.apply(&ops, LIMITS),
+                Err(StoreError::Lmdb {
+                    source: heed::Error::Mdb(heed::MdbError::MapFull),
+                    ..
+                })
+            ),
+            "one commit of everything must overflow the map"
+        );
+        let max_bytes = store.map_bytes() / 8;
+        assert_eq!(max_bytes, 2 * 1024 * 1024);
+        let mut rest = &ops[..];
+        let mut commits = 0;
+        while !rest.is_empty() {
+            let n = batch_len(rest.iter(), usize::MAX, max_bytes);
+            let out = store.apply(&rest[..n], LIMITS).unwrap();
+            assert!(out.iter().all(|o| !matches!(o, OpOutcome::QueueFull)));
+            rest = &rest[n..];
+            commits += 1;
+        }
+        assert!(commits > 8, "{commits} commits");
+        assert_eq!(store.queue_counts(UserId(1)).unwrap().0, 0);
     }
 
     #[test]
