@@ -55,10 +55,6 @@ pub const OUTBOX_ENVELOPES_HIGH_WATER: usize = 16 * 1024;
 /// 16,384 to 448–494k/s with 65,536 (docs/benchmarks.md). Under chat load commits rarely
 /// reach the bound.
 pub const COMMIT_OPS_MAX: usize = 64 * 1024;
-/// Estimated bytes of one group commit at most (`store::batch_len`), and at most an eighth of
-/// the store's map: 65,536 messages of the largest frame would be 4 GiB, the whole default
-/// map, and a commit larger than the map's free pages fails as a whole.
-pub const COMMIT_BYTES_MAX: usize = 64 * 1024 * 1024;
 /// A commit's completion (answers, live deliveries) yields the shard's thread to its other
 /// tasks and I/O after this many milliseconds of work.
 pub const COMPLETE_SLICE_MS: u64 = 10;

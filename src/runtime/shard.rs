@@ -1707,9 +1707,10 @@ impl Shard {
     /// Group commit: one write transaction in flight at a time, on the blocking pool; while
     /// it runs, new ops gather for the next one.
     async fn committer(self: Rc<Self>) {
-        // A commit's pages must fit in the map with room to spare, whatever the messages'
-        // sizes: bounded by bytes as well as by ops.
-        let bytes_max = limits::COMMIT_BYTES_MAX.min(self.store.map_bytes() / 8);
+        // A commit's new pages must fit in the map beside the data (LMDB reuses freed pages
+        // only after a commit): bounded by an estimate of its pages, a quarter of the map, as
+        // well as by ops. From a 1 GiB map up that is the op bound for small messages.
+        let bytes_max = self.store.map_bytes() / 4;
         loop {
             wait_until(&self.committer_waker, || !self.pending.borrow().is_empty()).await;
             let batch: Vec<(Op, Completion)> = {
@@ -1757,12 +1758,13 @@ impl Shard {
         }
     }
 
-    /// Acts on a commit's outcome: answers senders, delivers live, counts group deliveries.
-    /// Yields to the shard's other tasks and its I/O after each slice of
-    /// `limits::COMPLETE_SLICE_MS`: a commit of 65,536 ops took up to 76 ms to complete in the
-    /// groups benchmark, too long to hold connections waiting. (Yielding whenever glommio's
-    /// 500 µs preemption timer fired split the output into more, smaller writes: the loadgen's
-    /// CPU per member-delivery rose by a tenth, and throughput fell.)
+    /// Acts on a commit's outcome: first answers senders and counts group deliveries, in one
+    /// pass; then delivers the appended items live, yielding to the shard's other tasks and
+    /// its I/O after each slice of `limits::COMPLETE_SLICE_MS`: a commit of 65,536 ops took
+    /// up to 76 ms to complete in the groups benchmark, too long to hold connections waiting.
+    /// (Yielding whenever glommio's 500 µs preemption timer fired split the output into more,
+    /// smaller writes: the loadgen's CPU per member-delivery rose by a tenth, and throughput
+    /// fell.)
     async fn complete(
         &self,
         ops: Vec<Op>,
@@ -1792,16 +1794,11 @@ impl Shard {
             Ok(outcomes) => {
                 // Group messages whose delete committed: counted per message below.
                 let mut delivered: Vec<(ShardId, u64, ServerMsgId)> = Vec::new();
-                let mut slice = Instant::now();
-                for (i, ((op, completion), outcome)) in
-                    ops.into_iter().zip(completions).zip(outcomes).enumerate()
-                {
-                    if i % 256 == 255
-                        && slice.elapsed() >= Duration::from_millis(limits::COMPLETE_SLICE_MS)
-                    {
-                        glommio::executor().yield_task_queue_now().await;
-                        slice = Instant::now();
-                    }
+                // Appended items, delivered live in a second pass that may yield: every
+                // answer goes out first, so no reader of a committed item can make the
+                // sender hear of it (a READ receipt) before its SEND_ACK.
+                let mut live: Vec<(UserId, ServerMsgId, Item)> = Vec::new();
+                for ((op, completion), outcome) in ops.into_iter().zip(completions).zip(outcomes) {
                     match (op, outcome) {
                         (Op::Append { user, id, item }, OpOutcome::Appended) => {
                             match completion {
@@ -1821,7 +1818,7 @@ impl Shard {
                                 }
                                 _ => {}
                             }
-                            self.deliver_live(user, id, &item);
+                            live.push((user, id, item));
                         }
                         (Op::Append { user, .. }, OpOutcome::QueueFull) => match completion {
                             Completion::SendAck {
@@ -1907,6 +1904,16 @@ impl Shard {
                     }
                 }
                 self.send_delivered_counts(delivered);
+                let mut slice = Instant::now();
+                for (i, (user, id, item)) in live.into_iter().enumerate() {
+                    if i % 256 == 255
+                        && slice.elapsed() >= Duration::from_millis(limits::COMPLETE_SLICE_MS)
+                    {
+                        glommio::executor().yield_task_queue_now().await;
+                        slice = Instant::now();
+                    }
+                    self.deliver_live(user, id, &item);
+                }
             }
             Err(e) => {
                 self.stats
