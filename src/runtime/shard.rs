@@ -1758,10 +1758,12 @@ impl Shard {
         }
     }
 
-    /// Acts on a commit's outcome: first answers senders and counts group deliveries, in one
-    /// pass; then delivers the appended items live, yielding to the shard's other tasks and
-    /// its I/O after each slice of `limits::COMPLETE_SLICE_MS`: a commit of 65,536 ops took
-    /// up to 76 ms to complete in the groups benchmark, too long to hold connections waiting.
+    /// Acts on a commit's outcome, op by op: answers senders, counts group deliveries, delivers
+    /// live. After `limits::COMPLETE_SLICE_MS` of it, it answers every remaining op at once
+    /// and then delivers the rest live, yielding to the shard's other tasks and its I/O after
+    /// each slice: a commit of 65,536 ops took up to 76 ms to complete in the groups
+    /// benchmark, too long to hold connections waiting. A commit that completes within one
+    /// slice (chat's, as a rule) is handled exactly as before the slices existed.
     /// (Yielding whenever glommio's 500 µs preemption timer fired split the output into more,
     /// smaller writes: the loadgen's CPU per member-delivery rose by a tenth, and throughput
     /// fell.)
@@ -1780,140 +1782,40 @@ impl Shard {
                 }
             }
         }
-        let answer = |to: ConnRef, client_msg_id, result| {
-            self.route(
-                to.shard,
-                Envelope::SendResult {
-                    to,
-                    client_msg_id,
-                    result,
-                },
-            );
-        };
         match result {
             Ok(outcomes) => {
                 // Group messages whose delete committed: counted per message below.
                 let mut delivered: Vec<(ShardId, u64, ServerMsgId)> = Vec::new();
-                // Appended items, delivered live in a second pass that may yield: every
-                // answer goes out first, so no reader of a committed item can make the
-                // sender hear of it (a READ receipt) before its SEND_ACK.
-                let mut live: Vec<(UserId, ServerMsgId, Item)> = Vec::new();
-                for ((op, completion), outcome) in ops.into_iter().zip(completions).zip(outcomes) {
-                    match (op, outcome) {
-                        (Op::Append { user, id, item }, OpOutcome::Appended) => {
-                            match completion {
-                                Completion::SendAck {
-                                    to,
-                                    client_msg_id,
-                                    ts_ms,
-                                } => {
-                                    self.stats
-                                        .messages_accepted
-                                        .set(self.stats.messages_accepted.get() + 1);
-                                    answer(to, client_msg_id, Ok((id, ts_ms)));
-                                }
-                                Completion::Fanout(part) => {
-                                    bump(&self.stats.group_deliveries, 1);
-                                    self.fanout_part_done(&part, false);
-                                }
-                                _ => {}
+                let mut rest = ops.into_iter().zip(completions).zip(outcomes);
+                let slice_max = Duration::from_millis(limits::COMPLETE_SLICE_MS);
+                let mut slice = Instant::now();
+                let mut done = 0usize;
+                while let Some(((op, completion), outcome)) = rest.next() {
+                    if let Some((user, id, item)) =
+                        self.settle(op, completion, outcome, &mut delivered)
+                    {
+                        self.deliver_live(user, id, &item);
+                    }
+                    done += 1;
+                    if done % 256 == 0 && slice.elapsed() >= slice_max {
+                        // Before the first yield, answer every remaining op: a recipient that
+                        // reads a committed item during a yield must not make its sender hear
+                        // of it (a READ receipt) before the SEND_ACK. Only live deliveries
+                        // are left for the slices.
+                        let live: Vec<(UserId, ServerMsgId, Item)> = rest
+                            .by_ref()
+                            .filter_map(|((op, c), o)| self.settle(op, c, o, &mut delivered))
+                            .collect();
+                        for (i, (user, id, item)) in live.into_iter().enumerate() {
+                            if i % 256 == 0 && slice.elapsed() >= slice_max {
+                                glommio::executor().yield_task_queue_now().await;
+                                slice = Instant::now();
                             }
-                            live.push((user, id, item));
+                            self.deliver_live(user, id, &item);
                         }
-                        (Op::Append { user, .. }, OpOutcome::QueueFull) => match completion {
-                            Completion::SendAck {
-                                to, client_msg_id, ..
-                            } => {
-                                self.stats
-                                    .messages_refused
-                                    .set(self.stats.messages_refused.get() + 1);
-                                answer(
-                                    to,
-                                    client_msg_id,
-                                    Err((
-                                        ErrorCode::QueueFull,
-                                        format!("offline queue of user {user} is full"),
-                                    )),
-                                );
-                            }
-                            Completion::Fanout(part) => {
-                                // The member's queue is full: it misses this one (counted); the
-                                // others have it, so the send is still acknowledged.
-                                bump(&self.stats.group_queue_full, 1);
-                                tracing::debug!(shard = self.id.0, %user, "group item dropped: member's queue full");
-                                self.fanout_part_done(&part, false);
-                            }
-                            Completion::None
-                            | Completion::Receipt { .. }
-                            | Completion::GroupDelivered { .. }
-                            | Completion::GroupOk { .. } => {
-                                self.stats
-                                    .receipts_dropped
-                                    .set(self.stats.receipts_dropped.get() + 1);
-                                tracing::debug!(shard = self.id.0, %user, "receipt dropped: receipt allowance full");
-                            }
-                        },
-                        (Op::PutGroup { .. }, _) => {
-                            if let Completion::GroupOk {
-                                to,
-                                request_id,
-                                group,
-                            } = completion
-                            {
-                                self.route(
-                                    to.shard,
-                                    Envelope::Reply {
-                                        to,
-                                        frame: ServerFrame::GroupOk {
-                                            request_id,
-                                            group,
-                                            members: Vec::new(),
-                                        },
-                                    },
-                                );
-                            }
-                        }
-                        (Op::Delete { .. }, OpOutcome::Deleted(true)) => {
-                            if let Completion::GroupDelivered { group, msg_id } = completion {
-                                delivered.push((
-                                    groups::group_shard(group, self.shards),
-                                    group,
-                                    msg_id,
-                                ));
-                            } else if let Completion::Receipt {
-                                to,
-                                from,
-                                msg_id,
-                                ts_ms,
-                            } = completion
-                            {
-                                let env = Envelope::Receipt {
-                                    to,
-                                    kind: ReceiptKind::Delivered,
-                                    from,
-                                    msg_id,
-                                    ts_ms,
-                                };
-                                self.route(owner_shard(to, self.shards), env);
-                            }
-                        }
-                        (Op::Tally { .. }, _) => bump(&self.stats.group_tally_writes, 1),
-                        (Op::Delete { .. }, _)
-                        | (Op::Append { .. }, OpOutcome::Deleted(_) | OpOutcome::Written)
-                        | (Op::LastSeen { .. } | Op::Privacy { .. } | Op::Block { .. }, _) => {}
                     }
                 }
                 self.send_delivered_counts(delivered);
-                let mut slice = Instant::now();
-                for (i, (user, id, item)) in live.into_iter().enumerate() {
-                    if i % 256 == 255
-                        && slice.elapsed() >= Duration::from_millis(limits::COMPLETE_SLICE_MS)
-                    {
-                        glommio::executor().yield_task_queue_now().await;
-                        slice = Instant::now();
-                    }
-                    self.deliver_live(user, id, &item);
-                }
             }
             Err(e) => {
                 self.stats
@@ -1924,16 +1826,12 @@ impl Shard {
                     match completion {
                         Completion::SendAck {
                             to, client_msg_id, ..
-                        } => {
-                            self.stats
-                                .messages_refused
-                                .set(self.stats.messages_refused.get() + 1);
-                            answer(
-                                to,
-                                client_msg_id,
-                                Err((ErrorCode::StoreFailed, e.client_message())),
-                            );
-                        }
+                        } => self.refuse(
+                            to,
+                            client_msg_id,
+                            ErrorCode::StoreFailed,
+                            e.client_message(),
+                        ),
                         Completion::Fanout(part) => self.fanout_part_done(&part, true),
                         Completion::GroupOk {
                             to,
@@ -1965,6 +1863,136 @@ impl Shard {
                 }
             }
         }
+    }
+
+    /// Tells a sender's connection (on its shard) whether its SEND was stored.
+    fn answer(
+        &self,
+        to: ConnRef,
+        client_msg_id: u64,
+        result: Result<(ServerMsgId, u64), (ErrorCode, String)>,
+    ) {
+        self.route(
+            to.shard,
+            Envelope::SendResult {
+                to,
+                client_msg_id,
+                result,
+            },
+        );
+    }
+
+    /// Refuses a SEND (counted): its sender gets an error naming why.
+    fn refuse(&self, to: ConnRef, client_msg_id: u64, code: ErrorCode, message: String) {
+        self.stats
+            .messages_refused
+            .set(self.stats.messages_refused.get() + 1);
+        self.answer(to, client_msg_id, Err((code, message)));
+    }
+
+    /// One op's committed outcome: answers its sender, accounts a fan-out part, counts a
+    /// group delivery into `delivered`, routes a delivered receipt. Returns the appended item
+    /// to deliver live, if any.
+    fn settle(
+        &self,
+        op: Op,
+        completion: Completion,
+        outcome: OpOutcome,
+        delivered: &mut Vec<(ShardId, u64, ServerMsgId)>,
+    ) -> Option<(UserId, ServerMsgId, Item)> {
+        match (op, outcome) {
+            (Op::Append { user, id, item }, OpOutcome::Appended) => {
+                match completion {
+                    Completion::SendAck {
+                        to,
+                        client_msg_id,
+                        ts_ms,
+                    } => {
+                        self.stats
+                            .messages_accepted
+                            .set(self.stats.messages_accepted.get() + 1);
+                        self.answer(to, client_msg_id, Ok((id, ts_ms)));
+                    }
+                    Completion::Fanout(part) => {
+                        bump(&self.stats.group_deliveries, 1);
+                        self.fanout_part_done(&part, false);
+                    }
+                    _ => {}
+                }
+                return Some((user, id, item));
+            }
+            (Op::Append { user, .. }, OpOutcome::QueueFull) => match completion {
+                Completion::SendAck {
+                    to, client_msg_id, ..
+                } => self.refuse(
+                    to,
+                    client_msg_id,
+                    ErrorCode::QueueFull,
+                    format!("offline queue of user {user} is full"),
+                ),
+                Completion::Fanout(part) => {
+                    // The member's queue is full: it misses this one (counted); the
+                    // others have it, so the send is still acknowledged.
+                    bump(&self.stats.group_queue_full, 1);
+                    tracing::debug!(shard = self.id.0, %user, "group item dropped: member's queue full");
+                    self.fanout_part_done(&part, false);
+                }
+                Completion::None
+                | Completion::Receipt { .. }
+                | Completion::GroupDelivered { .. }
+                | Completion::GroupOk { .. } => {
+                    self.stats
+                        .receipts_dropped
+                        .set(self.stats.receipts_dropped.get() + 1);
+                    tracing::debug!(shard = self.id.0, %user, "receipt dropped: receipt allowance full");
+                }
+            },
+            (Op::PutGroup { .. }, _) => {
+                if let Completion::GroupOk {
+                    to,
+                    request_id,
+                    group,
+                } = completion
+                {
+                    self.route(
+                        to.shard,
+                        Envelope::Reply {
+                            to,
+                            frame: ServerFrame::GroupOk {
+                                request_id,
+                                group,
+                                members: Vec::new(),
+                            },
+                        },
+                    );
+                }
+            }
+            (Op::Delete { .. }, OpOutcome::Deleted(true)) => {
+                if let Completion::GroupDelivered { group, msg_id } = completion {
+                    delivered.push((groups::group_shard(group, self.shards), group, msg_id));
+                } else if let Completion::Receipt {
+                    to,
+                    from,
+                    msg_id,
+                    ts_ms,
+                } = completion
+                {
+                    let env = Envelope::Receipt {
+                        to,
+                        kind: ReceiptKind::Delivered,
+                        from,
+                        msg_id,
+                        ts_ms,
+                    };
+                    self.route(owner_shard(to, self.shards), env);
+                }
+            }
+            (Op::Tally { .. }, _) => bump(&self.stats.group_tally_writes, 1),
+            (Op::Delete { .. }, _)
+            | (Op::Append { .. }, OpOutcome::Deleted(_) | OpOutcome::Written)
+            | (Op::LastSeen { .. } | Op::Privacy { .. } | Op::Block { .. }, _) => {}
+        }
+        None
     }
 
     /// Sends the group's shards how many members' deletes of each group message committed:
