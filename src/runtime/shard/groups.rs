@@ -436,7 +436,7 @@ impl Shard {
     }
 
     /// Shutdown, once every shard has drained (or the wait for them timed out): the counts
-    /// from the last deletes (also other shards', whose tally envelopes may still be crossing)
+    /// from the last deletes (also other shards', whose delivered counts may still be crossing)
     /// reach the store before the committer stops, and the store is synced, since the sweeper
     /// may have committed tallies after the drain's own sync. Gives up at `deadline`.
     pub(super) async fn flush_tallies(&self, deadline: Instant) {
