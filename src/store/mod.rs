@@ -524,6 +524,11 @@ pub struct Store {
     path: PathBuf,
 }
 
+/// An 8-byte big-endian integer; `None` when `b` is not 8 bytes.
+fn u64_be(b: &[u8]) -> Option<u64> {
+    b.try_into().ok().map(u64::from_be_bytes)
+}
+
 fn queue_key(user: UserId, id: ServerMsgId) -> [u8; 16] {
     let mut k = [0u8; 16];
     k[..8].copy_from_slice(&user.0.to_be_bytes());
@@ -803,25 +808,37 @@ impl Store {
                 }
                 Op::Delete { user, id } => {
                     let key = queue_key(*user, *id);
-                    let found = self
+                    // One B-tree descent: the cursor that finds the item deletes it (a `get`
+                    // and a `delete` would search the tree twice).
+                    let only = (
+                        std::ops::Bound::Included(&key[..]),
+                        std::ops::Bound::Included(&key[..]),
+                    );
+                    let mut at = self
                         .queue
-                        .get(&wtxn, &key)
-                        .map_err(|e| self.err(e))?
-                        .map(|v| (v.first().copied(), v.get(9..17).map(|b| b.to_vec())));
+                        .range_mut(&mut wtxn, &only)
+                        .map_err(|e| self.err(e))?;
+                    let found = match at.next() {
+                        None => None,
+                        Some(entry) => {
+                            let (_, v) = entry.map_err(|e| self.err(e))?;
+                            // Copied out: the value's memory is not used after the delete.
+                            let found = (v.first().copied(), v.get(9..17).map(u64_be));
+                            // SAFETY: nothing borrowed from the database outlives this call
+                            // (`found` holds copies), as `del_current` requires.
+                            unsafe { at.del_current() }.map_err(|e| self.err(e))?;
+                            Some(found)
+                        }
+                    };
+                    drop(at);
                     match found {
                         None | Some((None, _)) => OpOutcome::Deleted(false),
                         Some((Some(kind), msg_id)) => {
-                            self.queue
-                                .delete(&mut wtxn, &key)
-                                .map_err(|e| self.err(e))?;
                             if kind == ITEM_GROUP_MESSAGE_REF {
-                                let id = msg_id
-                                    .and_then(|b| b.try_into().ok())
-                                    .map(u64::from_be_bytes)
-                                    .ok_or(StoreError::Corrupt {
-                                        path: self.path.clone(),
-                                        why: "group message reference",
-                                    })?;
+                                let id = msg_id.flatten().ok_or(StoreError::Corrupt {
+                                    path: self.path.clone(),
+                                    why: "group message reference",
+                                })?;
                                 self.body_ref(&wtxn, &mut bodies, ServerMsgId(id), None)?;
                             }
                             let (msgs, rcpts) = self.counts_in(&wtxn, &mut counts, *user)?;
