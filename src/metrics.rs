@@ -149,6 +149,8 @@ pub struct ShardSnapshot {
     pub commits: u64,
     /// Group commits that failed.
     pub commit_failures: u64,
+    /// Deletes (ACKs) of failed commits committed again on their own.
+    pub deletes_retried: u64,
     /// Store writes waiting for the next commit.
     pub pending_ops: u64,
     /// Times a send to another shard found the channel full and had to wait.
@@ -502,6 +504,13 @@ impl prometheus_client::collector::Collector for Snapshots {
             f,
             |s| s.commit_failures,
         )?;
+        counter(
+            e,
+            "store_deletes_retried",
+            "Deletes (ACKs) of failed group commits committed again on their own",
+            f,
+            |s| s.deletes_retried,
+        )?;
         gauge(
             e,
             "store_pending_ops",
@@ -747,6 +756,7 @@ mod tests {
             store_bytes: 12288,
             commits: 4,
             commit_failures: 0,
+            deletes_retried: 0,
             pending_ops: 0,
             channel_full: 0,
             backpressure_pauses: 0,

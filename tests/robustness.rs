@@ -315,17 +315,7 @@ fn a_stuck_client_costs_bounded_memory_and_others_keep_their_latency() {
 #[test]
 fn a_full_store_refuses_sends_with_a_clear_error_and_recovers() {
     let dir = tempfile::tempdir().unwrap();
-    // The smallest map LMDB is given: 16 MiB per shard.
-    let cfg = node_config(dir.path(), "");
-    let text = std::fs::read_to_string(&cfg).unwrap();
-    assert!(text.contains("map_size_mib = 64"));
-    std::fs::write(
-        &cfg,
-        text.replace("map_size_mib = 64", "map_size_mib = 16")
-            + "[limits]\nsend_rate_per_s = 0\nqueue_messages_max = 100000\n",
-    )
-    .unwrap();
-    let (child, addr, admin) = spawn_node(&cfg, &dir.path().join("stderr.log"));
+    let (child, addr, admin) = small_store_node(dir.path());
     let recipient = 41;
     let mut a = login(addr, 40, 1);
     let body = vec![1u8; 60 * 1024];
@@ -378,6 +368,128 @@ fn a_full_store_refuses_sends_with_a_clear_error_and_recovers() {
     a.send_message(99_999, UserId(recipient), b"room again")
         .unwrap();
     expect_send_ack(&mut a, 99_999);
+    stop(child);
+}
+
+/// A node whose store is the smallest map LMDB is given (16 MiB per shard), with no send rate
+/// limit and room in the queues.
+fn small_store_node(
+    dir: &std::path::Path,
+) -> (common::Gateway, std::net::SocketAddr, std::net::SocketAddr) {
+    let cfg = node_config(dir, "");
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    assert!(text.contains("map_size_mib = 64"));
+    std::fs::write(
+        &cfg,
+        text.replace("map_size_mib = 64", "map_size_mib = 16")
+            + "[limits]\nsend_rate_per_s = 0\nqueue_messages_max = 100000\n",
+    )
+    .unwrap();
+    spawn_node(&cfg, &dir.join("stderr.log"))
+}
+
+/// Sends 60 KiB messages from `filler` to `to` until one is refused: `to`'s shard is full.
+fn fill_store(filler: &mut Client, to: u64) {
+    let body = vec![1u8; 60 * 1024];
+    for i in 0..2_000u64 {
+        filler.send_message(i, UserId(to), &body).unwrap();
+        match filler.recv_frame().unwrap() {
+            ServerFrame::SendAck { .. } => {}
+            ServerFrame::Error { code, .. } if code == ErrorCode::StoreFailed as u16 => return,
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    panic!("the store never filled up");
+}
+
+#[test]
+fn acks_in_a_failed_commit_still_delete_and_send_their_receipts() {
+    // When a commit fails (here: the map is full), its deletes are committed again on their
+    // own. They must also do what any committed delete does: send the sender its DELIVERED
+    // receipt, and never come back.
+    let dir = tempfile::tempdir().unwrap();
+    let (child, addr, admin) = small_store_node(dir.path());
+    let sender = common::user_on_shard(50, 0, 2);
+    let recipient = common::user_on_shard(60, 1, 2);
+    let stuffed = common::user_on_shard(recipient + 1, 1, 2);
+    let mut a = login(addr, sender, 1);
+    let mut ids = Vec::new();
+    for i in 0..40u64 {
+        a.send_message(i, UserId(recipient), b"small").unwrap();
+        ids.push(expect_send_ack(&mut a, i));
+    }
+    // Fill the recipient's shard: from now on, a commit with a 60 KiB append in it fails.
+    let mut filler = login(addr, common::user_on_shard(70, 0, 2), 1);
+    fill_store(&mut filler, stuffed);
+    let mut b = login(addr, recipient, 1);
+    let mut delivered = Vec::new();
+    for _ in &ids {
+        delivered.push(expect_deliver(&mut b).0);
+    }
+    assert_eq!(delivered, ids);
+    // ACK one at a time, each between two 60 KiB sends in the same write, so that the ACKs
+    // share commits with appends that do not fit.
+    let big = bytes::Bytes::from(vec![2u8; 60 * 1024]);
+    let mut refused = 0;
+    for (n, id) in ids.iter().enumerate() {
+        let mut wire = bytes::BytesMut::new();
+        for k in 0..2u64 {
+            if k == 1 {
+                ClientFrame::Ack { ids: vec![*id] }.encode(&mut wire);
+            }
+            ClientFrame::Send {
+                client_msg_id: 10_000 + n as u64 * 2 + k,
+                recipient: UserId(stuffed),
+                body: big.clone(),
+            }
+            .encode(&mut wire);
+        }
+        b.send_raw(&wire).unwrap();
+        for _ in 0..2 {
+            match b.recv_frame().unwrap() {
+                ServerFrame::SendAck { .. } => {}
+                ServerFrame::Error { code, .. } if code == ErrorCode::StoreFailed as u16 => {
+                    refused += 1
+                }
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+    }
+    assert!(refused > 0, "the store did not stay full");
+    // Every ACK reaches the sender as a DELIVERED receipt, the retried ones included.
+    let mut receipts = HashSet::new();
+    while receipts.len() < ids.len() {
+        let (id, receipt_id) = expect_frame(&mut a, |f| match f {
+            ServerFrame::Receipt {
+                receipt_id,
+                kind: gatehouse::proto::ReceiptKind::Delivered,
+                server_msg_id,
+                ..
+            } => Some((*server_msg_id, *receipt_id)),
+            _ => None,
+        });
+        a.ack(&[receipt_id]).unwrap();
+        receipts.insert(id);
+    }
+    assert_eq!(receipts, ids.iter().copied().collect::<HashSet<_>>());
+    let m = http(admin, "GET", "/metrics").1;
+    let retried = metric(&m, "gatehouse_store_deletes_retried_total", "");
+    eprintln!(
+        "{refused} of {} sends refused; {retried} deletes retried",
+        ids.len() * 2
+    );
+    assert!(retried >= 1.0, "no ACK shared a failed commit:\n{m}");
+    // And the acknowledged messages do not come back: the queue is read in id order, so the
+    // next delivery on a new login is a new message.
+    drop(b);
+    a.send_message(99, UserId(recipient), b"after").unwrap();
+    let last = expect_send_ack(&mut a, 99);
+    let mut again = login(addr, recipient, 2);
+    assert_eq!(
+        expect_deliver(&mut again).0,
+        last,
+        "an acknowledged message came back"
+    );
     stop(child);
 }
 

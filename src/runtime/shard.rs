@@ -339,6 +339,8 @@ pub struct ShardStats {
     pub commits: Cell<u64>,
     /// Group commits that failed.
     pub commit_failures: Cell<u64>,
+    /// Deletes of failed commits committed again on their own.
+    pub deletes_retried: Cell<u64>,
     /// Envelopes queued for other shards.
     pub envelopes_routed: Cell<u64>,
     /// ACKed ids received from devices.
@@ -1727,21 +1729,25 @@ impl Shard {
             let limits = self.cfg.queue;
             let started = Instant::now();
             self.committing.set(true);
-            let (ops, result) = blocking(move || {
+            let (ops, result, retried) = blocking(move || {
                 let r = store.apply(&ops, limits);
+                let mut retried = None;
                 if r.is_err() {
                     // A failed batch (e.g. the map is full) also rolled back its deletes.
                     // Retry them alone: they free space, and acknowledged messages must not
-                    // come back. Their receipts are not sent (the batch result is an error).
+                    // come back. Their outcomes, in order, settle them as in any commit.
                     let deletes: Vec<Op> =
                         ops.iter().filter(|op| matches!(op, Op::Delete { .. })).cloned().collect();
                     if !deletes.is_empty() {
-                        if let Err(e) = store.apply(&deletes, limits) {
-                            tracing::error!(error = %e, "retrying deletes after a failed commit failed too");
+                        match store.apply(&deletes, limits) {
+                            Ok(outcomes) => retried = Some(outcomes),
+                            Err(e) => {
+                                tracing::error!(error = %e, "retrying deletes after a failed commit failed too")
+                            }
                         }
                     }
                 }
-                (ops, r)
+                (ops, r, retried)
             })
             .await;
             let _ = self
@@ -1751,7 +1757,7 @@ impl Shard {
             let _ = self.commit_ops.borrow_mut().record(ops.len() as u64);
             self.stats.commits.set(self.stats.commits.get() + 1);
             self.dirty.set(true);
-            self.complete(ops, completions, result).await;
+            self.complete(ops, completions, result, retried).await;
             // Only now: the store is not idle until what the commit owes is sent.
             self.committing.set(false);
             self.wake_paused();
@@ -1767,11 +1773,15 @@ impl Shard {
     /// (Yielding whenever glommio's 500 µs preemption timer fired split the output into more,
     /// smaller writes: the loadgen's CPU per member-delivery rose by a tenth, and throughput
     /// fell.)
+    /// When the commit failed, `retried` holds the outcomes of its deletes committed again on
+    /// their own, in order: they settle like any committed delete (delivered receipts and
+    /// counts), and every other op is refused.
     async fn complete(
         &self,
         ops: Vec<Op>,
         completions: Vec<Completion>,
         result: Result<Vec<OpOutcome>, StoreError>,
+        retried: Option<Vec<OpOutcome>>,
     ) {
         if result.is_err() {
             // Tally writes are retried at the next checkpoint.
@@ -1822,7 +1832,15 @@ impl Shard {
                     .commit_failures
                     .set(self.stats.commit_failures.get() + 1);
                 tracing::error!(shard = self.id.0, error = %e, ops = completions.len(), "group commit failed; refusing its sends");
-                for completion in completions {
+                let mut retried = retried.map(Vec::into_iter);
+                let mut delivered = Vec::new();
+                for (op, completion) in ops.into_iter().zip(completions) {
+                    if let (Op::Delete { .. }, Some(outcomes)) = (&op, retried.as_mut()) {
+                        let outcome = outcomes.next().expect("one outcome per retried delete");
+                        bump(&self.stats.deletes_retried, 1);
+                        self.settle(op, completion, outcome, &mut delivered);
+                        continue;
+                    }
                     match completion {
                         Completion::SendAck {
                             to, client_msg_id, ..
@@ -1861,6 +1879,7 @@ impl Shard {
                         | Completion::GroupDelivered { .. } => {}
                     }
                 }
+                self.send_delivered_counts(delivered);
             }
         }
     }
@@ -2215,6 +2234,7 @@ impl Shard {
             store_bytes: store.stored_bytes,
             commits: st.commits.get(),
             commit_failures: st.commit_failures.get(),
+            deletes_retried: st.deletes_retried.get(),
             pending_ops: self.pending.borrow().len() as u64,
             channel_full: st.channel_full.get(),
             backpressure_pauses: st.backpressure_pauses.get(),
