@@ -1713,6 +1713,7 @@ impl Shard {
         // only after a commit): bounded by an estimate of its pages, a quarter of the map, as
         // well as by ops. From a 1 GiB map up that is the op bound for small messages.
         let bytes_max = self.store.map_bytes() / 4;
+        let page = self.store.page_bytes();
         loop {
             wait_until(&self.committer_waker, || !self.pending.borrow().is_empty()).await;
             let batch: Vec<(Op, Completion)> = {
@@ -1721,6 +1722,7 @@ impl Shard {
                     p.iter().map(|(op, _)| op),
                     limits::COMMIT_OPS_MAX,
                     bytes_max,
+                    page,
                 );
                 p.drain(..n).collect()
             };

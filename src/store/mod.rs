@@ -368,48 +368,53 @@ pub enum Op {
     },
 }
 
-/// LMDB's page size here, and the largest value it keeps inside a leaf page (larger ones get
-/// overflow pages of their own).
-const PAGE_BYTES: usize = 4096;
-const LEAF_VALUE_MAX: usize = 2000;
-
-/// Pages a value of `len` bytes takes beyond its leaf, in bytes.
-fn overflow_bytes(len: usize) -> usize {
-    if len <= LEAF_VALUE_MAX {
+/// Pages a value of `len` bytes takes beyond its leaf, in bytes, with LMDB pages of `page`
+/// bytes (the system's page size: 4 KiB on x86-64, up to 64 KiB on some ARM64 kernels). LMDB
+/// keeps a value inside a leaf up to about half a page (less its headers and our 16-byte key:
+/// 2,000 bytes, rounded down, at 4 KiB); a larger one gets overflow pages of its own, after
+/// a 16-byte page header.
+fn overflow_bytes(len: usize, page: usize) -> usize {
+    if len <= page / 2 - 48 {
         0
     } else {
-        (len + 16).div_ceil(PAGE_BYTES) * PAGE_BYTES
+        (len + 16).div_ceil(page) * page
     }
 }
 
 /// How many of `ops` (at least one, at most `max_ops`) make one commit whose new pages,
-/// estimated, stay within `max_bytes`. Each op counts one page: the leaf of its key, which
+/// estimated, stay within `max_bytes`, with LMDB pages of `page` bytes
+/// ([`Store::page_bytes`]). Each op counts one page: the leaf of its key, which
 /// every op of a commit may find in a different place (users' count records are dense, about
 /// 200 to a page, and branch pages few). A large value adds its overflow pages. A group body of `limits::GROUP_BODY_SHARED_MIN_BYTES` or
 /// more, shared with the op before (one fan-out's appends are consecutive), counts once per
 /// run of such ops, as the store keeps it once per shard.
-pub fn batch_len<'a>(ops: impl Iterator<Item = &'a Op>, max_ops: usize, max_bytes: usize) -> usize {
+pub fn batch_len<'a>(
+    ops: impl Iterator<Item = &'a Op>,
+    max_ops: usize,
+    max_bytes: usize,
+    page: usize,
+) -> usize {
     let mut n = 0;
     let mut bytes = 0usize;
     let mut last_shared: Option<*const u8> = None;
     for op in ops.take(max_ops) {
-        let mut b = PAGE_BYTES;
+        let mut b = page;
         let mut shared = None;
         match op {
             Op::Append { item, .. } => match item {
-                Item::Message { body, .. } => b += overflow_bytes(body.len()),
+                Item::Message { body, .. } => b += overflow_bytes(body.len(), page),
                 Item::GroupMessage { body, .. } => {
                     if body.len() >= crate::limits::GROUP_BODY_SHARED_MIN_BYTES {
                         shared = Some(body.as_ptr());
                     }
                     if shared.is_none() || shared != last_shared {
-                        b += overflow_bytes(body.len());
+                        b += overflow_bytes(body.len(), page);
                     }
                 }
-                Item::GroupEvent { users, .. } => b += overflow_bytes(8 * users.len()),
+                Item::GroupEvent { users, .. } => b += overflow_bytes(8 * users.len(), page),
                 Item::GroupReceipt { .. } | Item::Receipt { .. } => {}
             },
-            Op::PutGroup { members, .. } => b += overflow_bytes(9 * members.len()),
+            Op::PutGroup { members, .. } => b += overflow_bytes(9 * members.len(), page),
             Op::Delete { .. }
             | Op::LastSeen { .. }
             | Op::Privacy { .. }
@@ -1204,6 +1209,11 @@ impl Store {
         self.env.info().map_size
     }
 
+    /// The environment's page size, bytes (LMDB uses the system's).
+    pub fn page_bytes(&self) -> usize {
+        self.env.unnamed_database_stat().page_size as usize
+    }
+
     /// Forces every committed write to stable storage (the `batch` policy's periodic sync).
     /// Blocking.
     pub fn sync(&self) -> Result<(), StoreError> {
@@ -1296,6 +1306,12 @@ mod tests {
         }
     }
 
+    /// The system's page size, which LMDB uses.
+    fn page_size() -> usize {
+        // SAFETY: sysconf has no preconditions.
+        usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).unwrap()
+    }
+
     /// A store of one shard in a new temporary directory (kept alive by the first value).
     fn temp_store() -> (tempfile::TempDir, Store) {
         let dir = tempfile::tempdir().unwrap();
@@ -1319,20 +1335,20 @@ mod tests {
             item,
         };
         let small: Vec<Op> = (1..=10).map(|i| append(i, msg(1))).collect();
-        assert_eq!(batch_len(small.iter(), 4, usize::MAX), 4);
-        assert_eq!(batch_len(small.iter(), 100, usize::MAX), 10);
-        assert_eq!(batch_len(small.iter().take(0), 100, 10), 0);
+        assert_eq!(batch_len(small.iter(), 4, usize::MAX, 4096), 4);
+        assert_eq!(batch_len(small.iter(), 100, usize::MAX, 4096), 10);
+        assert_eq!(batch_len(small.iter().take(0), 100, 10, 4096), 0);
         // A page each: two fit in 8,292, not three.
-        assert_eq!(batch_len(small.iter(), 100, 2 * 4096 + 100), 2);
+        assert_eq!(batch_len(small.iter(), 100, 2 * 4096 + 100, 4096), 2);
         // A value that fits in a leaf adds nothing.
         let leaf: Vec<Op> = (1..=3).map(|i| append(i, big(2_000))).collect();
-        assert_eq!(batch_len(leaf.iter(), 100, 3 * 4096), 3);
+        assert_eq!(batch_len(leaf.iter(), 100, 3 * 4096, 4096), 3);
         // 10,000 bytes take 3 overflow pages: 4 pages an op. One op larger than the bound
         // still goes alone.
         let large: Vec<Op> = (1..=3).map(|i| append(i, big(10_000))).collect();
-        assert_eq!(batch_len(large.iter(), 100, 1_000), 1);
-        assert_eq!(batch_len(large.iter(), 100, 8 * 4096), 2);
-        assert_eq!(batch_len(large.iter(), 100, 8 * 4096 - 1), 1);
+        assert_eq!(batch_len(large.iter(), 100, 1_000, 4096), 1);
+        assert_eq!(batch_len(large.iter(), 100, 8 * 4096, 4096), 2);
+        assert_eq!(batch_len(large.iter(), 100, 8 * 4096 - 1, 4096), 1);
         // A fan-out of one shared 10 kB body to 100 members counts the body once.
         let body = Bytes::from(vec![2u8; 10_000]);
         let member = |u: u64| {
@@ -1349,11 +1365,22 @@ mod tests {
             )
         };
         let fanout: Vec<Op> = (1..=100).map(member).collect();
-        assert_eq!(batch_len(fanout.iter(), 1_000, 3 * 4096 + 100 * 4096), 100);
         assert_eq!(
-            batch_len(fanout.iter(), 1_000, 3 * 4096 + 100 * 4096 - 1),
+            batch_len(fanout.iter(), 1_000, 3 * 4096 + 100 * 4096, 4096),
+            100
+        );
+        assert_eq!(
+            batch_len(fanout.iter(), 1_000, 3 * 4096 + 100 * 4096 - 1, 4096),
             99
         );
+        // With 64 KiB pages (some ARM64 kernels) an op is a 64 KiB page, and 10,000 bytes
+        // fit in a leaf.
+        assert_eq!(batch_len(large.iter(), 100, 3 * 65_536, 65_536), 3);
+        assert_eq!(batch_len(large.iter(), 100, 3 * 65_536 - 1, 65_536), 2);
+        assert_eq!(batch_len(small.iter(), 100, 8 * 4096, 65_536), 1);
+        // 40,000 bytes do not: one overflow page more.
+        let huge: Vec<Op> = (1..=3).map(|i| append(i, big(40_000))).collect();
+        assert_eq!(batch_len(huge.iter(), 100, 4 * 65_536, 65_536), 2);
     }
 
     #[test]
@@ -1391,10 +1418,11 @@ mod tests {
         );
         let max_bytes = store.map_bytes() / 4;
         assert_eq!(max_bytes, 4 * 1024 * 1024);
+        assert_eq!(store.page_bytes(), page_size());
         let mut rest = &ops[..];
         let mut commits = 0;
         while !rest.is_empty() {
-            let n = batch_len(rest.iter(), usize::MAX, max_bytes);
+            let n = batch_len(rest.iter(), usize::MAX, max_bytes, store.page_bytes());
             let out = store.apply(&rest[..n], LIMITS).unwrap();
             assert!(out.iter().all(|o| !matches!(o, OpOutcome::QueueFull)));
             rest = &rest[n..];
