@@ -454,8 +454,11 @@ pub struct Shard {
     counter: Cell<u64>,
     conns: RefCell<Slab<Rc<Conn>>>,
     next_gen: Cell<u32>,
-    /// Owner-side sessions: user → slots of its devices' connections (inline for ≤ 2).
-    sessions: RefCell<HashMap<UserId, SmallVec<[u32; 2]>>>,
+    /// Owner-side sessions: user → slots of its devices' connections (inline for ≤ 2). Looked
+    /// up for every delivery: hashed with foldhash (seeded at random per process; user ids
+    /// come from verified tokens), not SipHash. Maps keyed by what clients choose (group ids,
+    /// addresses) keep SipHash.
+    sessions: RefCell<foldhash::HashMap<UserId, SmallVec<[u32; 2]>>>,
     outboxes: Vec<Outbox>,
     pending: RefCell<Vec<(Op, Completion)>>,
     committer_waker: RefCell<Option<Waker>>,
@@ -475,8 +478,9 @@ pub struct Shard {
     /// Members of the groups this shard owns that were used since start (read from the store
     /// on first use).
     groups: RefCell<HashMap<u64, Vec<(UserId, crate::proto::GroupRole)>>>,
-    /// Group messages waiting for their member shards' commits, by fan-out id.
-    fanouts: RefCell<HashMap<u64, groups::FanoutWait>>,
+    /// Group messages waiting for their member shards' commits, by fan-out id (the shard's
+    /// own counter: foldhash, like `sessions`).
+    fanouts: RefCell<foldhash::HashMap<u64, groups::FanoutWait>>,
     next_fanout: Cell<u64>,
     /// Delivered/read tallies of recent group messages sent through this shard's groups.
     tallies: RefCell<HashMap<(u64, ServerMsgId), crate::store::TallyRecord>>,
@@ -572,7 +576,7 @@ impl Shard {
             counter: Cell::new(0),
             conns: RefCell::new(Slab::new()),
             next_gen: Cell::new(0),
-            sessions: RefCell::new(HashMap::new()),
+            sessions: RefCell::default(),
             outboxes: (0..seed.shards)
                 .map(|_| Outbox {
                     queue: RefCell::new(Vec::new()),
@@ -588,7 +592,7 @@ impl Shard {
             tls: seed.tls,
             watchers: RefCell::new(HashMap::new()),
             groups: RefCell::new(HashMap::new()),
-            fanouts: RefCell::new(HashMap::new()),
+            fanouts: RefCell::default(),
             next_fanout: Cell::new(0),
             tallies: RefCell::new(HashMap::new()),
             tally_order: RefCell::new(std::collections::VecDeque::new()),
