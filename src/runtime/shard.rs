@@ -1842,8 +1842,12 @@ impl Shard {
                 let mut delivered = Vec::new();
                 for (op, completion) in ops.into_iter().zip(completions) {
                     if let (Op::Delete { .. }, Some(outcomes)) = (&op, retried.as_mut()) {
-                        let outcome = outcomes.next().expect("one outcome per retried delete");
+                        // `apply` answers one outcome per op; were one missing, the delete
+                        // would settle as not found rather than stop the shard.
+                        let outcome = outcomes.next();
+                        debug_assert!(outcome.is_some(), "one outcome per retried delete");
                         bump(&self.stats.deletes_retried, 1);
+                        let outcome = outcome.unwrap_or(OpOutcome::Deleted(false));
                         self.settle(op, completion, outcome, &mut delivered);
                         continue;
                     }

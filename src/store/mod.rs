@@ -24,9 +24,11 @@
 //!   checkpointed by the shard, so that aggregated receipts go on after a restart).
 
 use std::collections::hash_map::Entry;
-// The overlays of one transaction, keyed by user ids and server message ids (verified or
-// assigned by the server), hash with foldhash, seeded at random per process: SipHash was 9% of
-// a fan-out commit's cycles in `perf record` of benches/store.rs.
+// The overlays of one transaction hash with foldhash: SipHash was 9% of a fan-out commit's
+// cycles in `perf record` of benches/store.rs. Their keys can be chosen by clients (the count
+// overlay's are recipients' user ids), but each map lives for one transaction, bounded by the
+// commit's op limit, gets a seed of its own (foldhash seeds every map at random), and its
+// hashes are never observable: there is nothing to learn a collision from.
 use foldhash::{HashMap, HashMapExt};
 use std::path::{Path, PathBuf};
 
@@ -371,13 +373,19 @@ pub enum Op {
     },
 }
 
-/// Pages a value of `len` bytes takes beyond its leaf, in bytes, with LMDB pages of `page`
-/// bytes (the system's page size: 4 KiB on x86-64, up to 64 KiB on some ARM64 kernels). LMDB
-/// keeps a value inside a leaf up to about half a page (less its headers and our 16-byte key:
-/// 2,000 bytes, rounded down, at 4 KiB); a larger one gets overflow pages of its own, after
-/// a 16-byte page header.
-fn overflow_bytes(len: usize, page: usize) -> usize {
-    if len <= page / 2 - 48 {
+/// LMDB's largest page: a new environment takes the system's page size up to this (mdb.c,
+/// `MAX_PAGESIZE` without `MDB_DEVEL`), so 4 KiB on x86-64 and 32 KiB on ARM64 kernels built
+/// with 64 KiB pages.
+pub const LMDB_PAGE_MAX: usize = 32 * 1024;
+
+/// Bytes that a value of `len` bytes under a key of `key` bytes takes beyond its leaf page,
+/// with LMDB pages of `page` bytes. As in mdb.c: the node (an 8-byte header, the key, the
+/// value) stays in the leaf while it is at most `me_nodemax`, half a page less the page header
+/// (2,038 bytes at 4 KiB, so values up to 2,014 bytes under our 16-byte queue keys); a larger
+/// value gets overflow pages of its own, after a 16-byte page header (`OVPAGES`).
+fn overflow_bytes(key: usize, len: usize, page: usize) -> usize {
+    let nodemax = (((page - 16) / 2) & !1) - 2;
+    if 8 + key + len <= nodemax {
         0
     } else {
         (len + 16).div_ceil(page) * page
@@ -404,20 +412,28 @@ pub fn batch_len<'a>(
         let mut b = page;
         let mut shared = None;
         match op {
+            // Value lengths as `Item::encode` writes them; queue keys are 16 bytes, `meta`
+            // keys (shared bodies, member lists) 9.
             Op::Append { item, .. } => match item {
-                Item::Message { body, .. } => b += overflow_bytes(body.len(), page),
+                Item::Message { body, .. } => b += overflow_bytes(16, 21 + body.len(), page),
                 Item::GroupMessage { body, .. } => {
                     if body.len() >= crate::limits::GROUP_BODY_SHARED_MIN_BYTES {
+                        // The queue item is the 37-byte header; the body is a record of its
+                        // own, stored once per run of appends.
                         shared = Some(body.as_ptr());
-                    }
-                    if shared.is_none() || shared != last_shared {
-                        b += overflow_bytes(body.len(), page);
+                        if shared != last_shared {
+                            b += overflow_bytes(9, body.len(), page);
+                        }
+                    } else {
+                        b += overflow_bytes(16, 37 + body.len(), page);
                     }
                 }
-                Item::GroupEvent { users, .. } => b += overflow_bytes(8 * users.len(), page),
+                Item::GroupEvent { users, .. } => {
+                    b += overflow_bytes(16, 28 + 8 * users.len(), page)
+                }
                 Item::GroupReceipt { .. } | Item::Receipt { .. } => {}
             },
-            Op::PutGroup { members, .. } => b += overflow_bytes(9 * members.len(), page),
+            Op::PutGroup { members, .. } => b += overflow_bytes(9, 9 * members.len(), page),
             Op::Delete { .. }
             | Op::LastSeen { .. }
             | Op::Privacy { .. }
@@ -1212,7 +1228,8 @@ impl Store {
         self.env.info().map_size
     }
 
-    /// The environment's page size, bytes (LMDB uses the system's).
+    /// The environment's page size, bytes: the system's, at most [`LMDB_PAGE_MAX`], for a
+    /// new environment; an existing one keeps the size it was created with.
     pub fn page_bytes(&self) -> usize {
         self.env.unnamed_database_stat().page_size as usize
     }
@@ -1343,9 +1360,13 @@ mod tests {
         assert_eq!(batch_len(small.iter().take(0), 100, 10, 4096), 0);
         // A page each: two fit in 8,292, not three.
         assert_eq!(batch_len(small.iter(), 100, 2 * 4096 + 100, 4096), 2);
-        // A value that fits in a leaf adds nothing.
-        let leaf: Vec<Op> = (1..=3).map(|i| append(i, big(2_000))).collect();
+        // A value that fits in a leaf adds nothing: 1,993 bytes of body are a 2,014-byte value,
+        // the largest a leaf keeps at 4 KiB under a 16-byte key; one byte more overflows.
+        let leaf: Vec<Op> = (1..=3).map(|i| append(i, big(1_993))).collect();
         assert_eq!(batch_len(leaf.iter(), 100, 3 * 4096, 4096), 3);
+        let over: Vec<Op> = (1..=3).map(|i| append(i, big(1_994))).collect();
+        assert_eq!(batch_len(over.iter(), 100, 3 * 4096, 4096), 1);
+        assert_eq!(batch_len(over.iter(), 100, 3 * 2 * 4096, 4096), 3);
         // 10,000 bytes take 3 overflow pages: 4 pages an op. One op larger than the bound
         // still goes alone.
         let large: Vec<Op> = (1..=3).map(|i| append(i, big(10_000))).collect();
@@ -1376,14 +1397,16 @@ mod tests {
             batch_len(fanout.iter(), 1_000, 3 * 4096 + 100 * 4096 - 1, 4096),
             99
         );
-        // With 64 KiB pages (some ARM64 kernels) an op is a 64 KiB page, and 10,000 bytes
-        // fit in a leaf.
-        assert_eq!(batch_len(large.iter(), 100, 3 * 65_536, 65_536), 3);
-        assert_eq!(batch_len(large.iter(), 100, 3 * 65_536 - 1, 65_536), 2);
-        assert_eq!(batch_len(small.iter(), 100, 8 * 4096, 65_536), 1);
-        // 40,000 bytes do not: one overflow page more.
+        // With 32 KiB pages (LMDB's largest, on kernels with 64 KiB pages) an op is a 32 KiB
+        // page, and 10,000 bytes fit in a leaf (up to 16,350 there).
+        let p = LMDB_PAGE_MAX;
+        assert_eq!(batch_len(large.iter(), 100, 3 * p, p), 3);
+        assert_eq!(batch_len(large.iter(), 100, 3 * p - 1, p), 2);
+        assert_eq!(batch_len(small.iter(), 100, 8 * 4096, p), 1);
+        // 40,000 bytes do not: 2 overflow pages, 3 pages an op.
         let huge: Vec<Op> = (1..=3).map(|i| append(i, big(40_000))).collect();
-        assert_eq!(batch_len(huge.iter(), 100, 4 * 65_536, 65_536), 2);
+        assert_eq!(batch_len(huge.iter(), 100, 6 * p, p), 2);
+        assert_eq!(batch_len(huge.iter(), 100, 6 * p - 1, p), 1);
     }
 
     #[test]
@@ -1421,7 +1444,7 @@ mod tests {
         );
         let max_bytes = store.map_bytes() / 4;
         assert_eq!(max_bytes, 4 * 1024 * 1024);
-        assert_eq!(store.page_bytes(), page_size());
+        assert_eq!(store.page_bytes(), page_size().min(LMDB_PAGE_MAX));
         let mut rest = &ops[..];
         let mut commits = 0;
         while !rest.is_empty() {
