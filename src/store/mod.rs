@@ -528,6 +528,17 @@ pub struct QueueLimits {
     pub receipts_max: u32,
 }
 
+/// A user's queue counts (messages, receipts) within one write transaction.
+struct CountsInTxn {
+    /// As read from the store.
+    stored: (u32, u32),
+    /// After this transaction's ops so far.
+    now: (u32, u32),
+    /// The stored record is exactly what `put_counts` would write for `stored` (so an
+    /// unchanged count need not be written).
+    canonical: bool,
+}
+
 /// A shared group body's reference count within one write transaction.
 struct BodyRefs {
     /// References after this transaction's ops so far.
@@ -788,7 +799,7 @@ impl Store {
         // Queue counts, read once and written once per user per transaction: a user whose
         // queue goes 0 → 1 → 0 within a batch (an online member, appended then acknowledged)
         // would otherwise insert and delete its count record each time.
-        let mut counts: HashMap<UserId, (u32, u32)> = HashMap::new();
+        let mut counts: HashMap<UserId, CountsInTxn> = HashMap::new();
         // Shared group bodies' reference counts, likewise: a fan-out appends every member of
         // this shard in one batch, and acknowledgements come in batches.
         let mut bodies: HashMap<ServerMsgId, BodyRefs> = HashMap::new();
@@ -937,10 +948,16 @@ impl Store {
             };
             out.push(outcome);
         }
-        let mut counts: Vec<_> = counts.into_iter().collect();
+        // Only counts that changed are written: under steady fan-out a member's commit holds as
+        // many acknowledgements as new items, and rewriting its unchanged record would dirty
+        // the record's page in every commit.
+        let mut counts: Vec<_> = counts
+            .into_iter()
+            .filter(|(_, c)| !(c.canonical && c.now == c.stored))
+            .collect();
         counts.sort_unstable_by_key(|(u, _)| *u);
-        for (user, (msgs, rcpts)) in counts {
-            self.put_counts(&mut wtxn, &count_key(user), msgs, rcpts)?;
+        for (user, c) in counts {
+            self.put_counts(&mut wtxn, &count_key(user), c.now.0, c.now.1)?;
         }
         self.put_body_refs(&mut wtxn, bodies)?;
         wtxn.commit().map_err(|e| self.err(e))?;
@@ -951,14 +968,21 @@ impl Store {
     fn counts_in<'c>(
         &self,
         txn: &heed::RoTxn,
-        overlay: &'c mut HashMap<UserId, (u32, u32)>,
+        overlay: &'c mut HashMap<UserId, CountsInTxn>,
         user: UserId,
     ) -> Result<(&'c mut u32, &'c mut u32), StoreError> {
         let c = match overlay.entry(user) {
             Entry::Occupied(e) => e.into_mut(),
-            Entry::Vacant(e) => e.insert(self.counts(txn, &count_key(user))?),
+            Entry::Vacant(e) => {
+                let (stored, canonical) = self.counts_record(txn, &count_key(user))?;
+                e.insert(CountsInTxn {
+                    stored,
+                    now: stored,
+                    canonical,
+                })
+            }
         };
-        Ok((&mut c.0, &mut c.1))
+        Ok((&mut c.now.0, &mut c.now.1))
     }
 
     /// Counts a reference to group message `msg_id`'s body (`Some(body)`: a new member item,
@@ -1196,12 +1220,26 @@ impl Store {
     }
 
     fn counts(&self, txn: &heed::RoTxn, key: &[u8]) -> Result<(u32, u32), StoreError> {
+        Ok(self.counts_record(txn, key)?.0)
+    }
+
+    /// A count record's value, and whether the record is exactly what [`Self::put_counts`]
+    /// writes for it (absent for (0, 0), 8 bytes otherwise); a malformed one reads as (0, 0).
+    fn counts_record(
+        &self,
+        txn: &heed::RoTxn,
+        key: &[u8],
+    ) -> Result<((u32, u32), bool), StoreError> {
         Ok(match self.meta.get(txn, key).map_err(|e| self.err(e))? {
-            Some(v) if v.len() == 8 => (
-                u32::from_be_bytes(v[..4].try_into().expect("4 bytes")),
-                u32::from_be_bytes(v[4..].try_into().expect("4 bytes")),
-            ),
-            _ => (0, 0),
+            None => ((0, 0), true),
+            Some(v) if v.len() == 8 => {
+                let c = (
+                    u32::from_be_bytes(v[..4].try_into().expect("4 bytes")),
+                    u32::from_be_bytes(v[4..].try_into().expect("4 bytes")),
+                );
+                (c, c != (0, 0))
+            }
+            Some(_) => ((0, 0), false),
         })
     }
 
@@ -1704,7 +1742,29 @@ mod tests {
             )
             .unwrap();
         assert_eq!(out, vec![QueueFull, Deleted(true), Appended]);
+        // Unchanged (one out, one in), so not rewritten; still read back right.
         assert_eq!(store.queue_counts(a).unwrap(), (3, 0));
+        // A malformed record reads as (0, 0) and is rewritten even when the transaction
+        // leaves that unchanged (here: deleted, as a zero count has no record).
+        let c = UserId(7);
+        let mut wtxn = store.env.write_txn().unwrap();
+        store.meta.put(&mut wtxn, &count_key(c), b"bad").unwrap();
+        wtxn.commit().unwrap();
+        let out = store
+            .apply(
+                &[
+                    append(c, 10),
+                    Op::Delete {
+                        user: c,
+                        id: id(10),
+                    },
+                ],
+                LIMITS,
+            )
+            .unwrap();
+        assert_eq!(out, vec![Appended, Deleted(true)]);
+        let rtxn = store.env.read_txn().unwrap();
+        assert_eq!(store.meta.get(&rtxn, &count_key(c)).unwrap(), None);
     }
 
     #[test]
