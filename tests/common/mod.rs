@@ -70,7 +70,9 @@ pub fn user_on_shard(from: u64, shard: u16, shards: usize) -> u64 {
 /// Reads frames until `f` returns Some; fails on timeout or close.
 pub fn expect_frame<T>(c: &mut Client, mut f: impl FnMut(&ServerFrame) -> Option<T>) -> T {
     loop {
-        let frame = c.recv_frame().expect("frame");
+        let frame = c.recv_frame().unwrap_or_else(|e| {
+            panic!("the expected frame did not come (read timeout or close): {e:?}")
+        });
         if let Some(t) = f(&frame) {
             return t;
         }
