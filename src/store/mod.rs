@@ -796,9 +796,9 @@ impl Store {
     pub fn apply(&self, ops: &[Op], limits: QueueLimits) -> Result<Vec<OpOutcome>, StoreError> {
         let mut wtxn = self.env.write_txn().map_err(|e| self.err(e))?;
         let mut out = Vec::with_capacity(ops.len());
-        // Queue counts, read once and written once per user per transaction: a user whose
-        // queue goes 0 → 1 → 0 within a batch (an online member, appended then acknowledged)
-        // would otherwise insert and delete its count record each time.
+        // Queue counts, read once per user per transaction and written at most once (not at all
+        // when unchanged): a user whose queue goes 0 → 1 → 0 within a batch (an online member,
+        // appended then acknowledged) would otherwise insert and delete its record each time.
         let mut counts: HashMap<UserId, CountsInTxn> = HashMap::new();
         // Shared group bodies' reference counts, likewise: a fan-out appends every member of
         // this shard in one batch, and acknowledgements come in batches.
