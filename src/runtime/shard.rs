@@ -455,9 +455,9 @@ pub struct Shard {
     conns: RefCell<Slab<Rc<Conn>>>,
     next_gen: Cell<u32>,
     /// Owner-side sessions: user → slots of its devices' connections (inline for ≤ 2). Looked
-    /// up for every delivery: hashed with foldhash (seeded at random per process; user ids
-    /// come from verified tokens), not SipHash. Maps keyed by what clients choose (group ids,
-    /// addresses) keep SipHash.
+    /// up for every delivery: hashed with foldhash (seeded at random; only verified logins
+    /// insert, so the keys are user ids from verified tokens), not SipHash. Maps keyed by what
+    /// clients choose (group ids, addresses) keep SipHash (docs/architecture.md, Hashing).
     sessions: RefCell<foldhash::HashMap<UserId, SmallVec<[u32; 2]>>>,
     outboxes: Vec<Outbox>,
     pending: RefCell<Vec<(Op, Completion)>>,
