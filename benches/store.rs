@@ -1,8 +1,9 @@
 //! Micro-benchmark of one shard's store in the group fan-out shape: each commit appends a
 //! batch of group-message items to online members' queues and deletes the previous batch
 //! (their acknowledgements), as `Store::apply` sees it under `loadgen groups`. Real LMDB files
-//! in a temporary directory (tmpfs where there is one); commits write the page cache (`sync = none`: the fsync runs
-//! beside the commit in the gateway, see docs/architecture.md, Group commit).
+//! in a temporary directory (tmpfs where there is one); commits write the page cache
+//! (`sync = none`: the fsync runs beside the commit in the gateway, see docs/architecture.md,
+//! Group commit).
 //!
 //! `cargo bench --bench store`
 

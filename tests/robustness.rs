@@ -318,31 +318,7 @@ fn a_full_store_refuses_sends_with_a_clear_error_and_recovers() {
     let (child, addr, admin) = small_store_node(dir.path());
     let recipient = 41;
     let mut a = login(addr, 40, 1);
-    let body = vec![1u8; 60 * 1024];
-    let mut acked = Vec::new();
-    let mut refused = None;
-    for i in 0..2_000u64 {
-        a.send_message(i, UserId(recipient), &body).unwrap();
-        match a.recv_frame().unwrap() {
-            ServerFrame::SendAck { server_msg_id, .. } => acked.push(server_msg_id),
-            ServerFrame::Error {
-                code,
-                fatal,
-                message,
-                ..
-            } => {
-                assert_eq!(
-                    (code, fatal),
-                    (ErrorCode::StoreFailed as u16, false),
-                    "{message}"
-                );
-                refused = Some(message);
-                break;
-            }
-            other => panic!("unexpected {other:?}"),
-        }
-    }
-    let message = refused.expect("the store filled up");
+    let (acked, message) = fill_store(&mut a, recipient);
     assert!(message.contains("store is full"), "{message}");
     assert!(
         !message.contains("/"),
@@ -388,14 +364,28 @@ fn small_store_node(
     spawn_node(&cfg, &dir.join("stderr.log"))
 }
 
-/// Sends 60 KiB messages from `filler` to `to` until one is refused: `to`'s shard is full.
-fn fill_store(filler: &mut Client, to: u64) {
+/// Sends 60 KiB messages from `filler` to `to` until one is refused (not fatally, with
+/// STORE_FAILED): `to`'s shard is full. Returns the acknowledged ids and the refusal's text.
+fn fill_store(filler: &mut Client, to: u64) -> (Vec<ServerMsgId>, String) {
     let body = vec![1u8; 60 * 1024];
+    let mut acked = Vec::new();
     for i in 0..2_000u64 {
         filler.send_message(i, UserId(to), &body).unwrap();
         match filler.recv_frame().unwrap() {
-            ServerFrame::SendAck { .. } => {}
-            ServerFrame::Error { code, .. } if code == ErrorCode::StoreFailed as u16 => return,
+            ServerFrame::SendAck { server_msg_id, .. } => acked.push(server_msg_id),
+            ServerFrame::Error {
+                code,
+                fatal,
+                message,
+                ..
+            } => {
+                assert_eq!(
+                    (code, fatal),
+                    (ErrorCode::StoreFailed as u16, false),
+                    "{message}"
+                );
+                return (acked, message);
+            }
             other => panic!("unexpected {other:?}"),
         }
     }
