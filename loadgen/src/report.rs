@@ -195,6 +195,11 @@ pub struct Report {
     pub acked_per_s: f64,
     /// Offline: messages delivered per second over the drain phase.
     pub drain_per_s: f64,
+    /// Groups: member-deliveries per second the main phase asked for (GROUP_SENDs written,
+    /// times the other members of a group, over the main phase). An achieved rate close to
+    /// it means the run was bounded by `--rate`, not by the gateway.
+    #[serde(default)]
+    pub group_offered_per_s: f64,
     /// Idle: connections that answered the final PING.
     pub final_pongs: u64,
     /// Chat/churn: distinct deliveries for which no delivered receipt came back (receipts are
@@ -336,6 +341,12 @@ impl Report {
                 )
             }),
             acked_per_s: counters.acked as f64 / main_s.max(1e-3),
+            group_offered_per_s: if args.scenario == Scenario::Groups {
+                (counters.sent * u64::from(args.group_size.saturating_sub(1))) as f64
+                    / main_s.max(1e-3)
+            } else {
+                0.0
+            },
             drain_per_s: if args.scenario == Scenario::Offline {
                 loss.delivered_distinct as f64 / drain_s.max(1e-3)
             } else {
@@ -392,6 +403,10 @@ impl Report {
                 c.group_expected,
                 c.group_delivered as f64 / (self.main_s + self.drain_s).max(1e-3),
                 c.group_expected.saturating_sub(c.group_delivered)
+            );
+            println!(
+                "group offered       {:.0} member-deliveries/s while sending (raise --rate until the achieved rate stops following it)",
+                self.group_offered_per_s
             );
         }
         if self.config.scenario == Scenario::Presence {

@@ -486,6 +486,12 @@ fn presence_and_groups_scenarios() {
     let expected = n(&r, "counters.group_expected");
     assert!(expected > 300 * 15, "{r}");
     assert_eq!(n(&r, "counters.group_delivered"), expected);
+    // The offered rate is the GROUP_SENDs written times the 15 other members, per second of
+    // the main phase (the rate asked for: 200 messages/s, so about 3,000/s).
+    let f = |k: &str| r[k].as_f64().unwrap_or_else(|| panic!("{k} missing: {r}"));
+    let offered = n(&r, "counters.sent") as f64 * 15.0 / f("main_s");
+    assert!((f("group_offered_per_s") - offered).abs() < 1.0, "{r}");
+    assert!((2_000.0..4_000.0).contains(&offered), "{r}");
     // CPU per member-delivery: the gateway's and the workers' (read after they were reaped:
     // before, RUSAGE_CHILDREN would still be 0) are there, and the workers' is in the total.
     let cpu = &r["cpu"];
