@@ -394,11 +394,12 @@ fn overflow_bytes(key: usize, len: usize, page: usize) -> usize {
 
 /// How many of `ops` (at least one, at most `max_ops`) make one commit whose new pages,
 /// estimated, stay within `max_bytes`, with LMDB pages of `page` bytes
-/// ([`Store::page_bytes`]). Each op counts one page: the leaf of its key, which
-/// every op of a commit may find in a different place (users' count records are dense, about
-/// 200 to a page, and branch pages few). A large value adds its overflow pages. A group body of `limits::GROUP_BODY_SHARED_MIN_BYTES` or
-/// more, shared with the op before (one fan-out's appends are consecutive), counts once per
-/// run of such ops, as the store keeps it once per shard.
+/// ([`Store::page_bytes`]). Each op counts one page: the leaf of its key, which every op of a
+/// commit may find in a different place (users' count records are dense, about 200 to a page,
+/// and branch pages few). A large value adds its overflow pages. A group body of
+/// `limits::GROUP_BODY_SHARED_MIN_BYTES` or more, shared with the op before (one fan-out's
+/// appends are consecutive), counts once per run of such ops, as the store keeps it once per
+/// shard.
 pub fn batch_len<'a>(
     ops: impl Iterator<Item = &'a Op>,
     max_ops: usize,
