@@ -34,7 +34,7 @@ use std::path::{Path, PathBuf};
 
 use bytes::Bytes;
 use heed::types::Bytes as RawBytes;
-use heed::{CommitOrAbort, Database, Env, EnvFlags, EnvOpenOptions};
+use heed::{CommitOrAbort, Database, Env, EnvFlags, EnvOpenOptions, PutFlags};
 use thiserror::Error;
 
 use crate::config::SyncPolicy;
@@ -540,6 +540,45 @@ struct CountsInTxn {
     canonical: bool,
 }
 
+/// One write transaction's limits and accounting overlays (see [`Store::apply`]).
+struct InTxn {
+    limits: QueueLimits,
+    counts: HashMap<UserId, CountsInTxn>,
+    bodies: HashMap<ServerMsgId, BodyRefs>,
+}
+
+/// What a queue delete removed: the item's kind byte and, for group items, the message id
+/// (bytes 9..17), copied out of the database.
+#[derive(Clone, Copy)]
+struct Deleted {
+    kind: Option<u8>,
+    msg_id: Option<u64>,
+}
+
+impl Deleted {
+    fn of(v: &[u8]) -> Deleted {
+        Deleted {
+            kind: v.first().copied(),
+            msg_id: v.get(9..17).and_then(u64_be),
+        }
+    }
+}
+
+/// A queue append of [`Store::apply`]'s batch: its key and the value to store.
+type KeyedAppend = ([u8; 16], Vec<u8>);
+
+/// A queue delete of [`Store::apply`]'s batch, by key.
+struct KeyedDelete {
+    key: [u8; 16],
+    /// Its index in the batch.
+    op: usize,
+    found: Option<Deleted>,
+}
+
+/// Items the delete cursor passes without deleting before it starts again at the next key
+/// (see `Store::delete_in_key_order`).
+const DELETE_WALK_SKIP_MAX: usize = 32;
+
 /// A shared group body's reference count within one write transaction.
 struct BodyRefs {
     /// References after this transaction's ops so far.
@@ -794,161 +833,68 @@ impl Store {
 
     /// Applies `ops` in order in one write transaction and commits it (with fsync under
     /// `sync = always`). Blocking. Either every op takes effect or none does.
+    ///
+    /// The queue's writes are made in key order, not in the order of `ops`: a fan-out
+    /// commit holds its messages one after the other, each to every member, so in op order
+    /// each write would search the B-tree from its root (that search was about half of a
+    /// fan-out commit's cycles in `perf record` of benches/store.rs). In key order one range
+    /// cursor walks the deletes, across users, and one cursor makes the appends, which LMDB
+    /// places without a search from the root while they fall on the cursor's page. The outcomes are those of
+    /// applying `ops` in order: appends and deletes touch different keys (a delete is an ACK
+    /// of a committed item), so only the accounting (queue limits, counts, shared bodies)
+    /// depends on the order, and it is done in op order. A batch that appends and deletes one
+    /// key is applied op by op.
     pub fn apply(&self, ops: &[Op], limits: QueueLimits) -> Result<Vec<OpOutcome>, StoreError> {
+        self.apply_as(ops, limits, true)
+    }
+
+    /// [`Self::apply`]; with `by_key` false, always op by op (the reference its tests compare
+    /// against).
+    fn apply_as(
+        &self,
+        ops: &[Op],
+        limits: QueueLimits,
+        by_key: bool,
+    ) -> Result<Vec<OpOutcome>, StoreError> {
         let mut wtxn = self.env.write_txn().map_err(|e| self.err(e))?;
-        let mut out = Vec::with_capacity(ops.len());
-        // Queue counts, read once per user per transaction and written at most once (not at all
-        // when unchanged): a user whose queue goes 0 → 1 → 0 within a batch (an online member,
-        // appended then acknowledged) would otherwise insert and delete its record each time.
-        let mut counts: HashMap<UserId, CountsInTxn> = HashMap::new();
-        // Shared group bodies' reference counts, likewise: a fan-out appends every member of
-        // this shard in one batch, and acknowledgements come in batches.
-        let mut bodies: HashMap<ServerMsgId, BodyRefs> = HashMap::new();
-        for op in ops {
-            let outcome = match op {
-                Op::Append { user, id, item } => {
-                    let (msgs, rcpts) = self.counts_in(&wtxn, &mut counts, *user)?;
-                    let full = if item.is_receipt() {
-                        *rcpts >= limits.receipts_max
-                    } else {
-                        *msgs >= limits.messages_max
-                    };
-                    if full {
-                        OpOutcome::QueueFull
-                    } else {
-                        let value = match item {
-                            // The body once per shard: the first member's append stores it,
-                            // every append counts a reference, the queue item is the header.
-                            // Tiny bodies stay inline (see the limit).
-                            Item::GroupMessage { msg_id, body, .. }
-                                if body.len() >= crate::limits::GROUP_BODY_SHARED_MIN_BYTES =>
-                            {
-                                self.body_ref(&wtxn, &mut bodies, *msg_id, Some(body))?;
-                                let mut v = item.encode();
-                                v.truncate(37);
-                                v[0] = ITEM_GROUP_MESSAGE_REF;
-                                v
-                            }
-                            _ => item.encode(),
-                        };
-                        self.queue
-                            .put(&mut wtxn, &queue_key(*user, *id), &value)
-                            .map_err(|e| self.err(e))?;
-                        if item.is_receipt() {
-                            *rcpts += 1
-                        } else {
-                            *msgs += 1
-                        }
-                        OpOutcome::Appended
-                    }
-                }
-                Op::Delete { user, id } => {
-                    let key = queue_key(*user, *id);
-                    // One B-tree descent: the cursor that finds the item deletes it (a `get`
-                    // and a `delete` would search the tree twice).
-                    let only = (
-                        std::ops::Bound::Included(&key[..]),
-                        std::ops::Bound::Included(&key[..]),
-                    );
-                    let mut at = self
-                        .queue
-                        .range_mut(&mut wtxn, &only)
-                        .map_err(|e| self.err(e))?;
-                    let found = match at.next() {
-                        None => None,
-                        Some(entry) => {
-                            let (_, v) = entry.map_err(|e| self.err(e))?;
-                            // Copied out: the value's memory is not used after the delete.
-                            let found = (v.first().copied(), v.get(9..17).map(u64_be));
-                            // SAFETY: nothing borrowed from the database outlives this call
-                            // (`found` holds copies), as `del_current` requires.
-                            unsafe { at.del_current() }.map_err(|e| self.err(e))?;
-                            Some(found)
-                        }
-                    };
-                    drop(at);
-                    match found {
-                        None | Some((None, _)) => OpOutcome::Deleted(false),
-                        Some((Some(kind), msg_id)) => {
-                            if kind == ITEM_GROUP_MESSAGE_REF {
-                                let id = msg_id.flatten().ok_or(StoreError::Corrupt {
-                                    path: self.path.clone(),
-                                    why: "group message reference",
-                                })?;
-                                self.body_ref(&wtxn, &mut bodies, ServerMsgId(id), None)?;
-                            }
-                            let (msgs, rcpts) = self.counts_in(&wtxn, &mut counts, *user)?;
-                            if kind == ITEM_RECEIPT || kind == ITEM_GROUP_RECEIPT {
-                                *rcpts = rcpts.saturating_sub(1)
-                            } else {
-                                *msgs = msgs.saturating_sub(1)
-                            }
-                            OpOutcome::Deleted(true)
-                        }
-                    }
-                }
-                Op::LastSeen { user, ms } => {
-                    let mut r = self.presence_in(&wtxn, *user)?;
-                    r.last_seen_ms = *ms;
-                    self.put_presence(&mut wtxn, *user, r)?;
-                    OpOutcome::Written
-                }
-                Op::Privacy {
-                    user,
-                    hide_last_seen,
-                } => {
-                    let mut r = self.presence_in(&wtxn, *user)?;
-                    r.hide_last_seen = *hide_last_seen;
-                    self.put_presence(&mut wtxn, *user, r)?;
-                    OpOutcome::Written
-                }
-                Op::PutGroup { group, members } => {
-                    let key = group_key(*group);
-                    if members.is_empty() {
-                        self.meta.delete(&mut wtxn, &key).map_err(|e| self.err(e))?;
-                    } else {
-                        let mut v = Vec::with_capacity(9 * members.len());
-                        for (u, r) in members {
-                            v.extend_from_slice(&u.0.to_be_bytes());
-                            v.push(*r as u8);
-                        }
-                        self.meta
-                            .put(&mut wtxn, &key, &v)
-                            .map_err(|e| self.err(e))?;
-                    }
-                    OpOutcome::Written
-                }
-                Op::Block {
-                    blocker,
-                    blocked,
-                    on,
-                } => {
-                    let key = block_key(*blocker, *blocked);
-                    if *on {
-                        self.meta
-                            .put(&mut wtxn, &key, &[])
-                            .map_err(|e| self.err(e))?;
-                    } else {
-                        self.meta.delete(&mut wtxn, &key).map_err(|e| self.err(e))?;
-                    }
-                    OpOutcome::Written
-                }
-                Op::Tally { msg_id, record, .. } => {
-                    let key = tally_key(*msg_id);
-                    match record {
-                        Some(r) => self
-                            .meta
-                            .put(&mut wtxn, &key, &r.encode())
-                            .map_err(|e| self.err(e))?,
-                        None => {
-                            self.meta.delete(&mut wtxn, &key).map_err(|e| self.err(e))?;
-                        }
-                    }
-                    OpOutcome::Written
-                }
-            };
-            out.push(outcome);
-        }
+        let mut txn = InTxn {
+            limits,
+            // Queue counts, read once per user per transaction and written at most once (not at
+            // all when unchanged): a user whose queue goes 0 → 1 → 0 within a batch (an online
+            // member, appended then acknowledged) would otherwise insert and delete its record
+            // each time.
+            counts: HashMap::new(),
+            // Shared group bodies' reference counts, likewise: a fan-out appends every member
+            // of this shard in one batch, and acknowledgements come in batches.
+            bodies: HashMap::new(),
+        };
+        // Deletes by key (their op's index breaks ties, so a repeated delete finds nothing).
+        let mut deletes: Vec<KeyedDelete> = ops
+            .iter()
+            .enumerate()
+            .filter_map(|(i, op)| match op {
+                Op::Delete { user, id } => Some(KeyedDelete {
+                    key: queue_key(*user, *id),
+                    op: i,
+                    found: None,
+                }),
+                _ => None,
+            })
+            .collect();
+        deletes.sort_unstable_by(|a, b| a.key.cmp(&b.key).then(a.op.cmp(&b.op)));
+        let conflict = ops.iter().any(|op| match op {
+            Op::Append { user, id, .. } => {
+                let key = queue_key(*user, *id);
+                deletes.binary_search_by(|d| d.key.cmp(&key)).is_ok()
+            }
+            _ => false,
+        });
+        let out = if conflict || !by_key {
+            self.apply_ops(&mut wtxn, ops, &mut txn, None)?.0
+        } else {
+            self.apply_by_key(&mut wtxn, ops, deletes, &mut txn)?
+        };
+        let InTxn { counts, bodies, .. } = txn;
         // Only counts that changed are written: under steady fan-out a member's commit holds as
         // many acknowledgements as new items, and rewriting its unchanged record would dirty
         // the record's page in every commit.
@@ -963,6 +909,276 @@ impl Store {
         self.put_body_refs(&mut wtxn, bodies)?;
         wtxn.commit().map_err(|e| self.err(e))?;
         Ok(out)
+    }
+
+    /// [`Self::apply`]'s ops in order, with their accounting. Without `deleted`, each queue
+    /// write is made where its op is and no appends are returned; with it, the deletes were
+    /// made already (`deleted` holds what they found, in op order) and the appends are
+    /// returned for the caller to make.
+    fn apply_ops(
+        &self,
+        wtxn: &mut heed::RwTxn,
+        ops: &[Op],
+        txn: &mut InTxn,
+        mut deleted: Option<std::vec::IntoIter<KeyedDelete>>,
+    ) -> Result<(Vec<OpOutcome>, Vec<KeyedAppend>), StoreError> {
+        let mut appends = Vec::new();
+        let mut out = Vec::with_capacity(ops.len());
+        for op in ops {
+            out.push(match op {
+                Op::Append { user, id, item } => match self.admit(wtxn, txn, *user, item)? {
+                    None => OpOutcome::QueueFull,
+                    Some(value) => {
+                        let key = queue_key(*user, *id);
+                        if deleted.is_some() {
+                            appends.push((key, value));
+                        } else {
+                            self.queue
+                                .put(wtxn, &key, &value)
+                                .map_err(|e| self.err(e))?;
+                        }
+                        OpOutcome::Appended
+                    }
+                },
+                Op::Delete { user, id } => {
+                    let found = match deleted.as_mut() {
+                        Some(d) => d.next().and_then(|d| d.found),
+                        None => self.delete_one(wtxn, &queue_key(*user, *id))?,
+                    };
+                    self.settle_delete(wtxn, txn, *user, found)?
+                }
+                meta => self.apply_meta(wtxn, meta)?,
+            });
+        }
+        Ok((out, appends))
+    }
+
+    /// Deletes `key` from the queue, if there.
+    fn delete_one(
+        &self,
+        wtxn: &mut heed::RwTxn,
+        key: &[u8; 16],
+    ) -> Result<Option<Deleted>, StoreError> {
+        // One B-tree descent: the cursor that finds the item deletes it (a `get` and a
+        // `delete` would search the tree twice).
+        let only = (
+            std::ops::Bound::Included(&key[..]),
+            std::ops::Bound::Included(&key[..]),
+        );
+        let mut at = self.queue.range_mut(wtxn, &only).map_err(|e| self.err(e))?;
+        let Some(entry) = at.next() else {
+            return Ok(None);
+        };
+        let (_, v) = entry.map_err(|e| self.err(e))?;
+        let found = Deleted::of(v);
+        // SAFETY: nothing borrowed from the database outlives this call (`found` holds
+        // copies), as `del_current` requires.
+        unsafe { at.del_current() }.map_err(|e| self.err(e))?;
+        Ok(Some(found))
+    }
+
+    /// [`Self::apply`]'s ops with the queue's writes in key order: first every delete
+    /// ([`Self::delete_in_key_order`]), then the accounting in op order, then every append
+    /// (one cursor). `deletes` is sorted by key and holds no key that `ops` also appends.
+    fn apply_by_key(
+        &self,
+        wtxn: &mut heed::RwTxn,
+        ops: &[Op],
+        mut deletes: Vec<KeyedDelete>,
+        txn: &mut InTxn,
+    ) -> Result<Vec<OpOutcome>, StoreError> {
+        self.delete_in_key_order(wtxn, &mut deletes)?;
+        deletes.sort_unstable_by_key(|d| d.op);
+        let (out, mut appends) = self.apply_ops(wtxn, ops, txn, Some(deletes.into_iter()))?;
+        // Stable: of two appends of one key, the later one's value stays, as in op order.
+        appends.sort_by_key(|a| a.0);
+        let mut at = self.queue.iter_mut(wtxn).map_err(|e| self.err(e))?;
+        for (key, value) in &appends {
+            // A plain insert through one cursor (flags 0, not MDB_CURRENT): LMDB starts from the
+            // cursor's page when the key falls inside it (`mdb_cursor_set`).
+            // SAFETY: the key and value are owned here; nothing borrowed from the database is
+            // held, as `put_current_with_options` requires.
+            unsafe { at.put_current_with_options::<RawBytes>(PutFlags::empty(), key, value) }
+                .map_err(|e| self.err(e))?;
+        }
+        Ok(out)
+    }
+
+    /// Deletes `deletes` (sorted by key) from the queue, noting in each what it found. One
+    /// range cursor walks from the first key to the last, across users; one that passes
+    /// [`DELETE_WALK_SKIP_MAX`] items it does not delete starts again at the next key (a
+    /// search from the root), so far-apart deletes do not walk the queues between them.
+    fn delete_in_key_order(
+        &self,
+        wtxn: &mut heed::RwTxn,
+        deletes: &mut [KeyedDelete],
+    ) -> Result<(), StoreError> {
+        let (mut i, end) = (0, deletes.len());
+        while i < end {
+            let (first, last) = (deletes[i].key, deletes[end - 1].key);
+            let range = (
+                std::ops::Bound::Included(&first[..]),
+                std::ops::Bound::Included(&last[..]),
+            );
+            let mut at = self
+                .queue
+                .range_mut(wtxn, &range)
+                .map_err(|e| self.err(e))?;
+            let mut skipped = 0;
+            while i < end {
+                let Some(entry) = at.next() else {
+                    // The rest of the keys are not there.
+                    i = end;
+                    break;
+                };
+                let (k, v) = entry.map_err(|e| self.err(e))?;
+                while i < end && deletes[i].key[..] < *k {
+                    i += 1;
+                }
+                if i < end && deletes[i].key[..] == *k {
+                    deletes[i].found = Some(Deleted::of(v));
+                    // SAFETY: nothing borrowed from the database outlives this call (`found`
+                    // holds copies, `k` is not used again), as `del_current` requires.
+                    unsafe { at.del_current() }.map_err(|e| self.err(e))?;
+                    // A repeated delete of the key finds nothing (ties sort by op).
+                    let key = deletes[i].key;
+                    while i < end && deletes[i].key == key {
+                        i += 1;
+                    }
+                    skipped = 0;
+                } else {
+                    skipped += 1;
+                    if skipped > DELETE_WALK_SKIP_MAX {
+                        break;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether `item` fits in `user`'s queue; if so, counts it (and its shared body's
+    /// reference) and returns the value to store.
+    fn admit(
+        &self,
+        rtxn: &heed::RoTxn,
+        txn: &mut InTxn,
+        user: UserId,
+        item: &Item,
+    ) -> Result<Option<Vec<u8>>, StoreError> {
+        let (msgs, rcpts) = self.counts_in(rtxn, &mut txn.counts, user)?;
+        let (count, max) = if item.is_receipt() {
+            (rcpts, txn.limits.receipts_max)
+        } else {
+            (msgs, txn.limits.messages_max)
+        };
+        if *count >= max {
+            return Ok(None);
+        }
+        *count += 1;
+        Ok(Some(match item {
+            // The body once per shard: the first member's append stores it, every append
+            // counts a reference, the queue item is the header. Tiny bodies stay inline (see
+            // the limit).
+            Item::GroupMessage { msg_id, body, .. }
+                if body.len() >= crate::limits::GROUP_BODY_SHARED_MIN_BYTES =>
+            {
+                self.body_ref(rtxn, &mut txn.bodies, *msg_id, Some(body))?;
+                let mut v = item.encode();
+                v.truncate(37);
+                v[0] = ITEM_GROUP_MESSAGE_REF;
+                v
+            }
+            _ => item.encode(),
+        }))
+    }
+
+    /// The outcome of a delete from `user`'s queue that found `found`, with its accounting:
+    /// the queue's count and a shared body's reference.
+    fn settle_delete(
+        &self,
+        rtxn: &heed::RoTxn,
+        txn: &mut InTxn,
+        user: UserId,
+        found: Option<Deleted>,
+    ) -> Result<OpOutcome, StoreError> {
+        let Some(Deleted {
+            kind: Some(kind),
+            msg_id,
+        }) = found
+        else {
+            return Ok(OpOutcome::Deleted(false));
+        };
+        if kind == ITEM_GROUP_MESSAGE_REF {
+            let id = msg_id.ok_or(StoreError::Corrupt {
+                path: self.path.clone(),
+                why: "group message reference",
+            })?;
+            self.body_ref(rtxn, &mut txn.bodies, ServerMsgId(id), None)?;
+        }
+        let (msgs, rcpts) = self.counts_in(rtxn, &mut txn.counts, user)?;
+        if kind == ITEM_RECEIPT || kind == ITEM_GROUP_RECEIPT {
+            *rcpts = rcpts.saturating_sub(1)
+        } else {
+            *msgs = msgs.saturating_sub(1)
+        }
+        Ok(OpOutcome::Deleted(true))
+    }
+
+    /// An op outside the queue: presence, privacy, a group's members, a block, a tally.
+    fn apply_meta(&self, wtxn: &mut heed::RwTxn, op: &Op) -> Result<OpOutcome, StoreError> {
+        let err = |e| self.err(e);
+        match op {
+            Op::Append { .. } | Op::Delete { .. } => unreachable!("queue ops are applied apart"),
+            Op::LastSeen { user, ms } => {
+                let mut r = self.presence_in(wtxn, *user)?;
+                r.last_seen_ms = *ms;
+                self.put_presence(wtxn, *user, r)?;
+            }
+            Op::Privacy {
+                user,
+                hide_last_seen,
+            } => {
+                let mut r = self.presence_in(wtxn, *user)?;
+                r.hide_last_seen = *hide_last_seen;
+                self.put_presence(wtxn, *user, r)?;
+            }
+            Op::PutGroup { group, members } => {
+                let key = group_key(*group);
+                if members.is_empty() {
+                    self.meta.delete(wtxn, &key).map_err(err)?;
+                } else {
+                    let mut v = Vec::with_capacity(9 * members.len());
+                    for (u, r) in members {
+                        v.extend_from_slice(&u.0.to_be_bytes());
+                        v.push(*r as u8);
+                    }
+                    self.meta.put(wtxn, &key, &v).map_err(err)?;
+                }
+            }
+            Op::Block {
+                blocker,
+                blocked,
+                on,
+            } => {
+                let key = block_key(*blocker, *blocked);
+                if *on {
+                    self.meta.put(wtxn, &key, &[]).map_err(err)?;
+                } else {
+                    self.meta.delete(wtxn, &key).map_err(err)?;
+                }
+            }
+            Op::Tally { msg_id, record, .. } => {
+                let key = tally_key(*msg_id);
+                match record {
+                    Some(r) => self.meta.put(wtxn, &key, &r.encode()).map_err(err)?,
+                    None => {
+                        self.meta.delete(wtxn, &key).map_err(err)?;
+                    }
+                }
+            }
+        }
+        Ok(OpOutcome::Written)
     }
 
     /// `user`'s queue counts in this transaction's overlay, read from the store on first use.
@@ -1674,6 +1890,145 @@ mod tests {
             .unwrap();
         assert_eq!(refs(1), None, "the last delete frees the body");
         assert_eq!(store.stats().unwrap().queue_items, 0);
+    }
+
+    /// One generated op of `applying_by_key_matches_applying_in_order`: (kind, user, id, m).
+    type RawOp = (u8, u64, u64, u64);
+
+    fn raw_op((kind, user, id, m): RawOp, batch: u64) -> Op {
+        let (user, fresh) = (UserId(user), ServerMsgId(batch * 100 + id));
+        let item = match kind {
+            0 => msg(m as u8),
+            1 => Item::Receipt {
+                kind: ReceiptKind::Delivered,
+                from: UserId(m),
+                msg_id: ServerMsgId(m),
+                ts_ms: 1,
+            },
+            // Shared bodies (600 bytes, one per message) and inline ones.
+            2 | 3 => Item::GroupMessage {
+                group: 1,
+                msg_id: ServerMsgId(m),
+                sender: UserId(1),
+                sender_device: DeviceId(1),
+                ts_ms: 2,
+                body: Bytes::from(vec![m as u8; if kind == 2 { 600 } else { 20 }]),
+            },
+            4 => {
+                return Op::LastSeen {
+                    user,
+                    ms: batch * 1000 + id,
+                }
+            }
+            // Deletes of this batch's or any earlier batch's ids, mostly earlier ones.
+            _ => {
+                return Op::Delete {
+                    user,
+                    id: ServerMsgId(batch.saturating_sub(id % 3) * 100 + id),
+                }
+            }
+        };
+        Op::Append {
+            user,
+            id: fresh,
+            item,
+        }
+    }
+
+    /// Every queue, count, shared body and last-seen record of users 1..=4 and messages
+    /// 1..=4.
+    fn contents(s: &Store) -> Vec<String> {
+        // Items, not bytes: how many pages hold them depends on the order of the writes.
+        let mut all = vec![format!("{}", s.stats().unwrap().queue_items)];
+        for u in 1..=4 {
+            let u = UserId(u);
+            // Ids, kinds and body lengths (the bodies follow from the ids).
+            let queue: Vec<_> = s
+                .read_queue(u, None, usize::MAX)
+                .unwrap()
+                .into_iter()
+                .map(|(id, item)| (id.0, item.encode()[0], item.encode().len()))
+                .collect();
+            all.push(format!("{queue:?}"));
+            all.push(format!("{:?}", s.queue_counts(u).unwrap()));
+            all.push(format!("{:?}", s.presence(u).unwrap()));
+        }
+        for m in 1..=4 {
+            all.push(format!("{:?}", body_record(s, ServerMsgId(m))));
+        }
+        all
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(64))]
+        /// `apply` writes the queue in key order unless a batch appends and deletes one key;
+        /// either way its outcomes and the store it leaves are those of applying the ops one
+        /// by one, in order.
+        #[test]
+        fn applying_by_key_matches_applying_in_order(
+            batches in proptest::collection::vec(
+                proptest::collection::vec((0u8..8, 1u64..=4, 0u64..60, 1u64..=4), 0..80),
+                1..6,
+            ),
+            roomy in proptest::bool::ANY,
+        ) {
+            let limits = if roomy {
+                QueueLimits { messages_max: 1_000, receipts_max: 1_000 }
+            } else {
+                QueueLimits { messages_max: 6, receipts_max: 2 }
+            };
+            let ((_a, by_key), (_b, in_order)) = (temp_store(), temp_store());
+            for (b, raw) in batches.into_iter().enumerate() {
+                let ops: Vec<Op> = raw.into_iter().map(|r| raw_op(r, b as u64)).collect();
+                let got = by_key.apply(&ops, limits).unwrap();
+                let want = in_order.apply_as(&ops, limits, false).unwrap();
+                proptest::prop_assert_eq!(got, want);
+                proptest::prop_assert_eq!(contents(&by_key), contents(&in_order));
+            }
+        }
+    }
+
+    #[test]
+    fn deletes_far_apart_in_one_queue_are_found_and_the_rest_kept() {
+        let (_dir, store) = temp_store();
+        let limits = QueueLimits {
+            messages_max: 1_000,
+            receipts_max: 1_000,
+        };
+        let u = UserId(3);
+        let append = |user, id: u64| Op::Append {
+            user,
+            id: ServerMsgId(id),
+            item: msg(id as u8),
+        };
+        let mut ops: Vec<Op> = (1..=200).map(|id| append(u, id)).collect();
+        ops.extend((1..=5).map(|id| append(UserId(4), id)));
+        store.apply(&ops, limits).unwrap();
+        // 1, then 150 items later 151 (past the walk's restart), two repeats, one absent,
+        // and the last; user 4's queue is next to it in the tree and stays whole.
+        let gone = [1u64, 151, 151, 152, 200, 500, 1];
+        let ops: Vec<Op> = gone
+            .iter()
+            .map(|&id| Op::Delete {
+                user: u,
+                id: ServerMsgId(id),
+            })
+            .collect();
+        use OpOutcome::Deleted;
+        assert_eq!(
+            store.apply(&ops, limits).unwrap(),
+            [true, true, false, true, true, false, false].map(Deleted)
+        );
+        let left: Vec<u64> = store
+            .read_queue(u, None, usize::MAX)
+            .unwrap()
+            .into_iter()
+            .map(|(id, _)| id.0)
+            .collect();
+        let want: Vec<u64> = (2..=199).filter(|id| ![151, 152].contains(id)).collect();
+        assert_eq!(left, want);
+        assert_eq!(store.queue_counts(u).unwrap(), (196, 0));
+        assert_eq!(store.read_queue(UserId(4), None, 10).unwrap().len(), 5);
     }
 
     #[test]
