@@ -1048,7 +1048,7 @@ impl Store {
                     skipped = 0;
                 } else {
                     skipped += 1;
-                    if skipped > DELETE_WALK_SKIP_MAX {
+                    if skipped >= DELETE_WALK_SKIP_MAX {
                         break;
                     }
                 }
