@@ -839,11 +839,11 @@ impl Store {
     /// each write would search the B-tree from its root (that search was about half of a
     /// fan-out commit's cycles in `perf record` of benches/store.rs). In key order one range
     /// cursor walks the deletes, across users, and one cursor makes the appends, which LMDB
-    /// places without a search from the root while they fall on the cursor's page. The outcomes are those of
-    /// applying `ops` in order: appends and deletes touch different keys (a delete is an ACK
-    /// of a committed item), so only the accounting (queue limits, counts, shared bodies)
-    /// depends on the order, and it is done in op order. A batch that appends and deletes one
-    /// key is applied op by op.
+    /// places without a search from the root while they fall on the cursor's page. The
+    /// outcomes are those of applying `ops` in order: appends and deletes touch different
+    /// keys (a delete is an ACK of a committed item), so only the accounting (queue limits,
+    /// counts, shared bodies) depends on the order, and it is done in op order. A batch that
+    /// appends and deletes one key is applied op by op.
     pub fn apply(&self, ops: &[Op], limits: QueueLimits) -> Result<Vec<OpOutcome>, StoreError> {
         self.apply_as(ops, limits, true)
     }
