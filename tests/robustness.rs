@@ -559,9 +559,15 @@ fn running_out_of_descriptors_backs_off_without_spinning_and_recovers() {
 fn the_shard_memory_budget_pauses_readers_and_resumes_them_when_stuck_clients_go() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = node_config(dir.path(), "");
+    // The stuck clients never ACK, so the store keeps every message sent before the shard
+    // pauses its readers, the kernel's socket buffers filling first. In one full-suite run the
+    // suite's 64 MiB map refused the 3,256th SEND of 16 KiB with STORE_FULL (each takes 5
+    // LMDB overflow pages, so about 65 MB). 256 MiB leaves room.
     let text = std::fs::read_to_string(&cfg)
         .unwrap()
-        .replace("shards = 2", "shards = 1");
+        .replace("shards = 2", "shards = 1")
+        .replace("map_size_mib = 64", "map_size_mib = 256");
+    assert!(text.contains("map_size_mib = 256"), "{text}");
     // One shard whose whole outbound budget is one connection's limit (256 KiB). The write
     // stall timeout is 3 s, not shorter: in two full-suite runs (scripts/test.sh, seven of
     // these tests in parallel on 2 cores) the *reading* sender's answers sat unread for 2.1 s
