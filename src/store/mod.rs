@@ -418,7 +418,7 @@ pub fn batch_len<'a>(
             Op::Append { item, .. } => match item {
                 Item::Message { body, .. } => b += overflow_bytes(16, 21 + body.len(), page),
                 Item::GroupMessage { body, .. } => {
-                    if body.len() >= crate::limits::GROUP_BODY_SHARED_MIN_BYTES {
+                    if shares_body(body) {
                         // The queue item is the 37-byte header; the body is a record of its
                         // own, stored once per run of appends.
                         shared = Some(body.as_ptr());
@@ -564,8 +564,9 @@ impl Deleted {
     }
 }
 
-/// A queue append of [`Store::apply`]'s batch: its key and the value to store.
-type KeyedAppend = ([u8; 16], Vec<u8>);
+/// A queue append of [`Store::apply`]'s batch that fits: its key and its op's index (the value
+/// is encoded when it is written, so a commit never holds a second copy of every body).
+type KeyedAppend = ([u8; 16], usize);
 
 /// A queue delete of [`Store::apply`]'s batch, by key.
 struct KeyedDelete {
@@ -600,6 +601,26 @@ pub struct Store {
 }
 
 /// An 8-byte big-endian integer; `None` when `b` is not 8 bytes.
+/// Whether a group message's body is stored once per shard (see [`stored_value`]). Tiny
+/// bodies stay inline (see the limit).
+fn shares_body(body: &Bytes) -> bool {
+    body.len() >= crate::limits::GROUP_BODY_SHARED_MIN_BYTES
+}
+
+/// The queue value of `item`. The body of a group message, once per shard: the first member's
+/// append stores it (counted by `Store::admit`), every append counts a reference, and the
+/// queue item is the header.
+fn stored_value(item: &Item) -> Vec<u8> {
+    let mut v = item.encode();
+    if let Item::GroupMessage { body, .. } = item {
+        if shares_body(body) {
+            v.truncate(37);
+            v[0] = ITEM_GROUP_MESSAGE_REF;
+        }
+    }
+    v
+}
+
 fn u64_be(b: &[u8]) -> Option<u64> {
     b.try_into().ok().map(u64::from_be_bytes)
 }
@@ -924,22 +945,23 @@ impl Store {
     ) -> Result<(Vec<OpOutcome>, Vec<KeyedAppend>), StoreError> {
         let mut appends = Vec::new();
         let mut out = Vec::with_capacity(ops.len());
-        for op in ops {
+        for (i, op) in ops.iter().enumerate() {
             out.push(match op {
-                Op::Append { user, id, item } => match self.admit(wtxn, txn, *user, item)? {
-                    None => OpOutcome::QueueFull,
-                    Some(value) => {
+                Op::Append { user, id, item } => {
+                    if !self.admit(wtxn, txn, *user, item)? {
+                        OpOutcome::QueueFull
+                    } else {
                         let key = queue_key(*user, *id);
                         if deleted.is_some() {
-                            appends.push((key, value));
+                            appends.push((key, i));
                         } else {
                             self.queue
-                                .put(wtxn, &key, &value)
+                                .put(wtxn, &key, &stored_value(item))
                                 .map_err(|e| self.err(e))?;
                         }
                         OpOutcome::Appended
                     }
-                },
+                }
                 Op::Delete { user, id } => {
                     let found = match deleted.as_mut() {
                         Some(d) => d.next().and_then(|d| d.found),
@@ -993,12 +1015,16 @@ impl Store {
         // Stable: of two appends of one key, the later one's value stays, as in op order.
         appends.sort_by_key(|a| a.0);
         let mut at = self.queue.iter_mut(wtxn).map_err(|e| self.err(e))?;
-        for (key, value) in &appends {
+        for (key, i) in &appends {
+            let Op::Append { item, .. } = &ops[*i] else {
+                unreachable!("appends are indices of Append ops");
+            };
+            let value = stored_value(item);
             // A plain insert through one cursor (flags 0, not MDB_CURRENT): LMDB starts from the
             // cursor's page when the key falls inside it (`mdb_cursor_set`).
             // SAFETY: the key and value are owned here; nothing borrowed from the database is
             // held, as `put_current_with_options` requires.
-            unsafe { at.put_current_with_options::<RawBytes>(PutFlags::empty(), key, value) }
+            unsafe { at.put_current_with_options::<RawBytes>(PutFlags::empty(), key, &value) }
                 .map_err(|e| self.err(e))?;
         }
         Ok(out)
@@ -1058,14 +1084,14 @@ impl Store {
     }
 
     /// Whether `item` fits in `user`'s queue; if so, counts it (and its shared body's
-    /// reference) and returns the value to store.
+    /// reference, see [`stored_value`]).
     fn admit(
         &self,
         rtxn: &heed::RoTxn,
         txn: &mut InTxn,
         user: UserId,
         item: &Item,
-    ) -> Result<Option<Vec<u8>>, StoreError> {
+    ) -> Result<bool, StoreError> {
         let (msgs, rcpts) = self.counts_in(rtxn, &mut txn.counts, user)?;
         let (count, max) = if item.is_receipt() {
             (rcpts, txn.limits.receipts_max)
@@ -1073,24 +1099,15 @@ impl Store {
             (msgs, txn.limits.messages_max)
         };
         if *count >= max {
-            return Ok(None);
+            return Ok(false);
         }
         *count += 1;
-        Ok(Some(match item {
-            // The body once per shard: the first member's append stores it, every append
-            // counts a reference, the queue item is the header. Tiny bodies stay inline (see
-            // the limit).
-            Item::GroupMessage { msg_id, body, .. }
-                if body.len() >= crate::limits::GROUP_BODY_SHARED_MIN_BYTES =>
-            {
+        if let Item::GroupMessage { msg_id, body, .. } = item {
+            if shares_body(body) {
                 self.body_ref(rtxn, &mut txn.bodies, *msg_id, Some(body))?;
-                let mut v = item.encode();
-                v.truncate(37);
-                v[0] = ITEM_GROUP_MESSAGE_REF;
-                v
             }
-            _ => item.encode(),
-        }))
+        }
+        Ok(true)
     }
 
     /// The outcome of a delete from `user`'s queue that found `found`, with its accounting:
