@@ -27,6 +27,15 @@ pub const READS_PER_POLL_MAX: usize = 8;
 pub const WRITE_BATCH_BYTES_MAX: usize = 256 * 1024;
 /// iovecs in one `sendmsg` call at most (well under IOV_MAX = 1024).
 pub const WRITE_IOVECS_MAX: usize = 64;
+/// Message bodies up to this size are copied into a connection's output with their header
+/// (cheaper than an allocation and a shared reference per frame); larger ones are queued
+/// shared, not copied per recipient.
+pub const COPIED_BODY_BYTES_MAX: usize = 512;
+/// Small frames are copied one after another into one owned piece of output up to this size;
+/// then a new piece starts (bounds what one append may reallocate and copy).
+pub const OWNED_PIECE_BYTES_MAX: usize = 64 * 1024;
+/// First capacity of an owned piece of output, in bytes (it grows as frames are added).
+pub const OWNED_PIECE_BYTES_FIRST: usize = 256;
 
 /// Default deliveries (messages and receipts) a device may have unacknowledged at once.
 pub const DELIVERY_WINDOW_DEFAULT: usize = 64;
@@ -79,6 +88,11 @@ const _: () = assert!(FRAME_BYTES_MAX_DEFAULT <= FRAME_BYTES_MAX_CEILING);
 const _: () = assert!(FRAME_BYTES_MAX_FLOOR > 1 + 2 + 8 + 8);
 const _: () = assert!(TOKEN_BYTES_MAX + 1 + 8 + 4 + 2 < FRAME_BYTES_MAX_FLOOR);
 const _: () = assert!(DELIVERY_WINDOW_DEFAULT <= DELIVERY_WINDOW_MAX);
+const _: () = assert!(OWNED_PIECE_BYTES_FIRST <= OWNED_PIECE_BYTES_MAX);
+// A frame with a copied body (its header, a WebSocket header of at most 14 bytes and the body)
+// is far smaller than an owned piece, so deliveries share pieces.
+const _: () = assert!(COPIED_BODY_BYTES_MAX + 128 <= OWNED_PIECE_BYTES_MAX);
+const _: () = assert!(OWNED_PIECE_BYTES_MAX <= WRITE_BATCH_BYTES_MAX);
 const _: () = assert!(BATCH_ENVELOPES_MAX <= OUTBOX_ENVELOPES_HIGH_WATER);
 const _: () = assert!(COMMIT_OPS_MAX <= PENDING_OPS_HIGH_WATER);
 const _: () = assert!(SHARD_OUTBOUND_BYTES_MAX_DEFAULT >= OUTBOUND_BYTES_MAX_DEFAULT);

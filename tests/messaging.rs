@@ -245,6 +245,62 @@ fn offline_queue_drains_in_order_through_the_window() {
     server.shutdown().unwrap();
 }
 
+/// Small bodies are copied into the connection's own output and large ones are queued shared
+/// (`limits::COPIED_BODY_BYTES_MAX`); a window that mixes both, including an empty body and
+/// bodies at the bound, arrives whole and in order.
+#[test]
+fn copied_and_shared_bodies_arrive_whole_and_in_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(config(dir.path()));
+    let (a, b) = (user_on_shard(1, 0, 2), user_on_shard(1, 1, 2));
+    let bound = gatehouse::limits::COPIED_BODY_BYTES_MAX;
+    let sizes = [
+        0,
+        1,
+        100,
+        bound - 1,
+        bound,
+        bound + 1,
+        4000,
+        3,
+        60_000,
+        7,
+        bound,
+        20_000,
+        0,
+        5,
+    ];
+    let body = |i: usize, n: usize| -> Vec<u8> { (0..n).map(|k| (i * 31 + k) as u8).collect() };
+    let mut ca = login(server.local_addr, a, 1);
+    for (i, &n) in sizes.iter().enumerate() {
+        ca.send_message(i as u64, UserId(b), &body(i, n)).unwrap();
+        expect_send_ack(&mut ca, i as u64);
+    }
+    // All queued before b logs in, so the first window goes out in one burst of writes.
+    let mut cb = login(server.local_addr, b, 1);
+    let mut ids = Vec::new();
+    for (i, &n) in sizes.iter().enumerate() {
+        let (id, from, got) = expect_deliver(&mut cb);
+        assert_eq!(from, UserId(a));
+        assert_eq!(got.len(), n, "message {i}: body length");
+        assert_eq!(got, body(i, n), "message {i}: body bytes");
+        ids.push(id);
+    }
+    cb.ack(&ids).unwrap();
+    // And live, while b is online: the same mix, delivered as it commits.
+    for (i, &n) in sizes.iter().enumerate() {
+        let i = i + sizes.len();
+        ca.send_message(i as u64, UserId(b), &body(i, n)).unwrap();
+    }
+    for (i, &n) in sizes.iter().enumerate() {
+        let i = i + sizes.len();
+        let (id, _, got) = expect_deliver(&mut cb);
+        assert_eq!(got, body(i, n), "live message {i}");
+        cb.ack(&[id]).unwrap();
+    }
+    server.shutdown().unwrap();
+}
+
 #[test]
 fn queued_messages_survive_a_restart() {
     let dir = tempfile::tempdir().unwrap();

@@ -2,8 +2,9 @@
 //!
 //! Reads go through the shard's scratch buffer: an idle connection holds no read buffer,
 //! only a partial frame when one is split across reads (freed when complete). Writes gather
-//! the queued frames (DELIVER headers and shared bodies) into one `sendmsg` with no copy of
-//! the bodies. The task reads only when the connection and the shard can take more work
+//! the queued frames into one `sendmsg`: small frames are copied one after another into a piece
+//! the connection owns (one allocation per write, not two per frame), and large message bodies
+//! are queued shared, with no copy. The task reads only when the connection and the shard can take more work
 //! (back-pressure), and stops at a fatal error, a GO_AWAY, EOF, or a hand-over.
 
 use std::cell::{Cell, RefCell};
@@ -14,7 +15,7 @@ use std::pin::Pin;
 use std::rc::Rc;
 use std::task::{Context, Poll, Waker};
 
-use bytes::{Buf, Bytes, BytesMut};
+use bytes::{Bytes, BytesMut};
 use futures_lite::future::poll_fn;
 use futures_lite::{AsyncRead, AsyncWrite};
 use glommio::net::TcpStream;
@@ -51,6 +52,38 @@ pub struct IoCounts {
     pub out_bytes_queued: Cell<u64>,
 }
 
+/// One piece of queued output.
+///
+/// Small frames are copied, one after another, onto the end of an `Owned` piece: a burst of
+/// deliveries then costs one allocation that grows as frames arrive, not a header buffer, a
+/// `Bytes` control block and a body reference per frame (measured in the groups benchmark:
+/// glibc's malloc and `Bytes`' drop were 7% of the box's CPU at 40 groups; benchmarks.md,
+/// Groups, tenth session). Bodies larger than [`limits::COPIED_BODY_BYTES_MAX`] stay `Shared`,
+/// so a large group message is not copied per member. Both kinds are freed once written: an
+/// idle connection holds no output buffer.
+#[derive(Debug)]
+enum Piece {
+    Owned(Vec<u8>),
+    Shared(Bytes),
+}
+
+impl std::ops::Deref for Piece {
+    type Target = [u8];
+
+    fn deref(&self) -> &[u8] {
+        match self {
+            Piece::Owned(v) => v,
+            Piece::Shared(b) => b,
+        }
+    }
+}
+
+thread_local! {
+    /// This thread's buffer for encoding a frame before it is copied into a connection's
+    /// output, so that encoding allocates nothing once it has grown.
+    static ENCODE_SCRATCH: RefCell<BytesMut> = RefCell::new(BytesMut::new());
+}
+
 thread_local! {
     /// This thread's (shard's) wire counters.
     pub static IO_COUNTS: IoCounts = IoCounts::default();
@@ -64,7 +97,7 @@ fn bump(c: &Cell<u64>, n: u64) {
 #[derive(Debug)]
 struct ConnState {
     hs: Handshake,
-    out: VecDeque<Bytes>,
+    out: VecDeque<Piece>,
     out_bytes: usize,
     out_offset: usize,
     partial: Vec<u8>,
@@ -91,6 +124,17 @@ impl ConnState {
             return;
         }
         if self.out_bytes == 0 {
+            self.out_since_ms = super::mono_ms();
+        }
+        self.out_bytes += n;
+        IO_COUNTS.with(|c| bump(&c.out_bytes_queued, n as u64));
+    }
+
+    /// Counts `n` bytes newly added to `out` as queued output.
+    fn queued(&mut self, n: usize) {
+        if self.out_bytes == 0 {
+            // The real clock, not the cached one: that is refreshed on reads, and a connection
+            // parked by back-pressure is not read (its stall would start in the past).
             self.out_since_ms = super::mono_ms();
         }
         self.out_bytes += n;
@@ -286,7 +330,7 @@ impl Conn {
         self.st.borrow().hs.phase()
     }
 
-    /// Queues encoded bytes (a frame, or a part of one) and wakes the task.
+    /// Queues encoded bytes (a frame, or a part of one) as a shared piece and wakes the task.
     pub fn push_bytes(&self, b: Bytes) {
         let mut st = self.st.borrow_mut();
         // An empty piece (the body of an empty message) must not enter the queue: a write
@@ -294,14 +338,40 @@ impl Conn {
         if st.aborted || b.is_empty() {
             return;
         }
-        if st.out_bytes == 0 {
-            // The real clock, not the cached one: that is refreshed on reads, and a connection
-            // parked by back-pressure is not read (its stall would start in the past).
-            st.out_since_ms = super::mono_ms();
+        st.queued(b.len());
+        st.out.push_back(Piece::Shared(b));
+        drop(st);
+        self.wake();
+    }
+
+    /// Queues the concatenation of `parts` (one frame, or its pieces) by copying it onto the
+    /// end of the last queued piece when that piece is the connection's own and has room
+    /// under [`limits::OWNED_PIECE_BYTES_MAX`]; else in a new owned piece. Wakes the task.
+    fn push_copied(&self, parts: &[&[u8]]) {
+        let len: usize = parts.iter().map(|p| p.len()).sum();
+        let mut st = self.st.borrow_mut();
+        if st.aborted || len == 0 {
+            return;
         }
-        st.out_bytes += b.len();
-        IO_COUNTS.with(|c| bump(&c.out_bytes_queued, b.len() as u64));
-        st.out.push_back(b);
+        st.queued(len);
+        let fits = |v: &Vec<u8>| v.len() + len <= limits::OWNED_PIECE_BYTES_MAX;
+        // The front piece may be partly written (`out_offset`): appending leaves its written
+        // prefix where it is, so the offset stays right.
+        let tail = match st.out.back_mut() {
+            Some(Piece::Owned(v)) if fits(v) => v,
+            _ => {
+                st.out.push_back(Piece::Owned(Vec::with_capacity(
+                    len.max(limits::OWNED_PIECE_BYTES_FIRST),
+                )));
+                match st.out.back_mut() {
+                    Some(Piece::Owned(v)) => v,
+                    _ => unreachable!("an owned piece was pushed just above"),
+                }
+            }
+        };
+        for p in parts {
+            tail.extend_from_slice(p);
+        }
         drop(st);
         self.wake();
     }
@@ -318,35 +388,47 @@ impl Conn {
         let Some(ws) = self.frame_wrapping() else {
             return;
         };
-        // Leave room for the WebSocket header in front, so that it is written in place.
-        let gap = if ws { limits::WS_HEADER_BYTES_MAX } else { 0 };
-        let mut b = BytesMut::with_capacity(gap + 48);
-        b.resize(gap, 0);
-        f.encode(&mut b);
-        if ws {
-            let mut h = [0u8; limits::WS_HEADER_BYTES_MAX];
-            let n = ws::binary_header(b.len() - gap, &mut h);
-            b[gap - n..gap].copy_from_slice(&h[..n]);
-            b.advance(gap - n);
-        }
-        self.push_bytes(b.freeze());
+        ENCODE_SCRATCH.with(|cell| {
+            let mut b = cell.borrow_mut();
+            b.clear();
+            // Leave room for the WebSocket header in front, so that it is written in place.
+            let gap = if ws { limits::WS_HEADER_BYTES_MAX } else { 0 };
+            b.resize(gap, 0);
+            f.encode(&mut b);
+            let mut start = 0;
+            if ws {
+                let mut h = [0u8; limits::WS_HEADER_BYTES_MAX];
+                let n = ws::binary_header(b.len() - gap, &mut h);
+                b[gap - n..gap].copy_from_slice(&h[..n]);
+                start = gap - n;
+            }
+            self.push_copied(&[&b[start..]]);
+            // A large frame (a long member list) must not keep its buffer for good.
+            if b.capacity() > limits::OWNED_PIECE_BYTES_MAX {
+                *b = BytesMut::new();
+            }
+        });
     }
 
-    /// Queues one frame given as an encoded head (copied) and a shared body (not copied):
-    /// a DELIVER's header and its message body.
-    pub fn push_frame_parts(&self, head: &[u8], body: Bytes) {
+    /// Queues one frame given as an encoded head and a message body: a DELIVER's header and
+    /// its body. A body up to [`limits::COPIED_BODY_BYTES_MAX`] is copied with the head into
+    /// the connection's own output; a larger one is queued shared (not copied).
+    pub fn push_frame_parts(&self, head: &[u8], body: &Bytes) {
         let Some(ws) = self.frame_wrapping() else {
             return;
         };
-        let mut b = BytesMut::with_capacity(limits::WS_HEADER_BYTES_MAX + head.len());
-        if ws {
-            let mut h = [0u8; limits::WS_HEADER_BYTES_MAX];
-            let n = ws::binary_header(head.len() + body.len(), &mut h);
-            b.extend_from_slice(&h[..n]);
+        let mut h = [0u8; limits::WS_HEADER_BYTES_MAX];
+        let n = if ws {
+            ws::binary_header(head.len() + body.len(), &mut h)
+        } else {
+            0
+        };
+        if body.len() <= limits::COPIED_BODY_BYTES_MAX {
+            self.push_copied(&[&h[..n], head, body]);
+        } else {
+            self.push_copied(&[&h[..n], head]);
+            self.push_bytes(body.clone());
         }
-        b.extend_from_slice(head);
-        self.push_bytes(b.freeze());
-        self.push_bytes(body);
     }
 
     /// `Some(in_websocket)` when protocol frames can be queued; `None` while a TLS handshake
@@ -646,8 +728,8 @@ impl Conn {
                 io::ErrorKind::Interrupted => continue,
                 io::ErrorKind::WouldBlock => {
                     // Let glommio register write interest (it may also write a little).
-                    let front = st.out[0].slice(st.out_offset..);
-                    match Pin::new(&mut *stream).poll_write(cx, &front) {
+                    let front = &st.out[0][st.out_offset..];
+                    match Pin::new(&mut *stream).poll_write(cx, front) {
                         Poll::Ready(Ok(n)) => {
                             IO_COUNTS.with(|c| bump(&c.bytes_out, n as u64));
                             if n > 0 {
@@ -839,12 +921,8 @@ impl Conn {
         let added = layers.wire_out.len() - before;
         st.wire_added(added);
         if let Some(b) = queued_reply {
-            if st.out_bytes == 0 {
-                st.out_since_ms = super::mono_ms();
-            }
-            st.out_bytes += b.len();
-            IO_COUNTS.with(|c| bump(&c.out_bytes_queued, b.len() as u64));
-            st.out.push_back(b);
+            st.queued(b.len());
+            st.out.push_back(Piece::Shared(b));
         }
         match fail {
             Some(f) => Err(f),

@@ -1564,7 +1564,7 @@ impl Shard {
             } => {
                 conn::IO_COUNTS.with(|c| bump(&c.frames_out, 1));
                 let header = deliver_header(id, *sender, *sender_device, *ts_ms, body.len());
-                conn.push_frame_parts(&header, body.clone());
+                conn.push_frame_parts(&header, body);
                 conn.delivered(InFlight {
                     id,
                     receipt_to: Some(*sender),
@@ -1612,7 +1612,7 @@ impl Shard {
                     *ts_ms,
                     body.len(),
                 );
-                conn.push_frame_parts(&header, body.clone());
+                conn.push_frame_parts(&header, body);
                 conn.delivered(InFlight {
                     id,
                     receipt_to: Some(*sender),
