@@ -676,18 +676,32 @@ mod tests {
             });
         }
         // Front, middle, back, a repeat, then the rest.
-        for (id, want) in [(1, true), (4, true), (6, true), (4, false), (2, true), (7, false)] {
+        for (id, want) in [
+            (1, true),
+            (4, true),
+            (6, true),
+            (4, false),
+            (2, true),
+            (7, false),
+        ] {
             let got = w.acked(ServerMsgId(id));
             assert_eq!(got.is_some(), want, "ACK of {id}");
             if let Some(f) = got {
-                assert_eq!((f.id, f.receipt_to), (ServerMsgId(id), Some(UserId(id * 10))));
+                assert_eq!(
+                    (f.id, f.receipt_to),
+                    (ServerMsgId(id), Some(UserId(id * 10)))
+                );
             }
         }
         assert_eq!(w.in_flight(), 2);
         assert_eq!(w.acked(ServerMsgId(5)).map(|f| f.id), Some(ServerMsgId(5)));
         assert_eq!(w.acked(ServerMsgId(3)).map(|f| f.id), Some(ServerMsgId(3)));
         assert_eq!((w.in_flight(), w.room(4)), (0, 4));
-        assert_eq!(w.cursor(), Some(ServerMsgId(6)), "the cursor stays past what was sent");
+        assert_eq!(
+            w.cursor(),
+            Some(ServerMsgId(6)),
+            "the cursor stays past what was sent"
+        );
     }
 
     #[test]
