@@ -32,7 +32,8 @@ pub const WRITE_IOVECS_MAX: usize = 64;
 /// shared, not copied per recipient.
 pub const COPIED_BODY_BYTES_MAX: usize = 512;
 /// Small frames are copied one after another into one owned piece of output up to this size;
-/// then a new piece starts (bounds what one append may reallocate and copy).
+/// then a new piece starts (bounds what one append may reallocate and copy). A frame larger
+/// than this is queued as a piece of its own.
 pub const OWNED_PIECE_BYTES_MAX: usize = 64 * 1024;
 /// First capacity of an owned piece of output, in bytes (it grows as frames are added).
 pub const OWNED_PIECE_BYTES_FIRST: usize = 256;
@@ -89,9 +90,9 @@ const _: () = assert!(FRAME_BYTES_MAX_FLOOR > 1 + 2 + 8 + 8);
 const _: () = assert!(TOKEN_BYTES_MAX + 1 + 8 + 4 + 2 < FRAME_BYTES_MAX_FLOOR);
 const _: () = assert!(DELIVERY_WINDOW_DEFAULT <= DELIVERY_WINDOW_MAX);
 const _: () = assert!(OWNED_PIECE_BYTES_FIRST <= OWNED_PIECE_BYTES_MAX);
-// A frame with a copied body (its header, a WebSocket header of at most 14 bytes and the body)
-// is far smaller than an owned piece, so deliveries share pieces.
-const _: () = assert!(COPIED_BODY_BYTES_MAX + 128 <= OWNED_PIECE_BYTES_MAX);
+// A frame with a copied body (a GROUP_DELIVER header of 49 bytes, a server WebSocket header of
+// at most 10 and the body) is far smaller than an owned piece, so deliveries share pieces.
+const _: () = assert!(49 + WS_HEADER_BYTES_MAX + COPIED_BODY_BYTES_MAX <= OWNED_PIECE_BYTES_MAX);
 const _: () = assert!(OWNED_PIECE_BYTES_MAX <= WRITE_BATCH_BYTES_MAX);
 const _: () = assert!(BATCH_ENVELOPES_MAX <= OUTBOX_ENVELOPES_HIGH_WATER);
 const _: () = assert!(COMMIT_OPS_MAX <= PENDING_OPS_HIGH_WATER);

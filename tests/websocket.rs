@@ -137,6 +137,32 @@ fn exchange<S: Read + Write>(
         }
         other => panic!("expected DELIVER, got {other:?}"),
     }
+    // A burst that mixes bodies copied into the connection's output (up to
+    // `limits::COPIED_BODY_BYTES_MAX`) and bodies queued shared: each arrives whole, in its own
+    // binary message, in order.
+    let bound = gatehouse::limits::COPIED_BODY_BYTES_MAX;
+    let sizes = [1, bound - 1, bound, bound + 1, 4000, 0, 3, 70_000, 7, bound];
+    let body = |i: usize, n: usize| -> Vec<u8> { (0..n).map(|k| (i * 7 + k) as u8).collect() };
+    for (i, &n) in sizes.iter().enumerate() {
+        tcp.send_message(10 + i as u64, UserId(ws_user), &body(i, n))
+            .unwrap();
+        expect_send_ack(tcp, 10 + i as u64);
+    }
+    let mut ids = Vec::new();
+    for (i, &n) in sizes.iter().enumerate() {
+        match ws.recv() {
+            ServerFrame::Deliver {
+                body: got,
+                server_msg_id,
+                ..
+            } => {
+                assert_eq!(got.as_ref(), &body(i, n)[..], "message {i} ({n} bytes)");
+                ids.push(server_msg_id);
+            }
+            other => panic!("expected DELIVER {i}, got {other:?}"),
+        }
+    }
+    ws.send(&[ClientFrame::Ack { ids }]);
 }
 
 #[test]

@@ -840,7 +840,8 @@ pub fn body_bytes_max(frame_bytes_max: usize) -> usize {
 }
 
 /// Encodes a DELIVER frame's header for a body of `body_len` bytes, so that the runtime can
-/// write header and a shared body (`Bytes`) with one vectored write and no copy of the body.
+/// queue the body apart from it: copied after it when small, or shared (`Bytes`, written with
+/// the header in one vectored write and not copied) when large.
 pub fn deliver_header(
     server_msg_id: ServerMsgId,
     sender: UserId,
@@ -867,8 +868,8 @@ pub fn group_body_bytes_max(frame_bytes_max: usize) -> usize {
     frame_bytes_max - (GROUP_DELIVER_HEADER_BYTES - FRAME_HEADER_BYTES)
 }
 
-/// Encodes a GROUP_DELIVER header for a body of `body_len` bytes (the body is written after
-/// it, shared, as for DELIVER).
+/// Encodes a GROUP_DELIVER header for a body of `body_len` bytes (the body is queued after it,
+/// copied or shared, as for DELIVER).
 pub fn group_deliver_header(
     server_msg_id: ServerMsgId,
     group: u64,

@@ -2,9 +2,9 @@
 //!
 //! Reads go through the shard's scratch buffer: an idle connection holds no read buffer,
 //! only a partial frame when one is split across reads (freed when complete). Writes gather
-//! the queued frames into one `sendmsg`: small frames are copied one after another into a piece
-//! the connection owns (one allocation per write, not two per frame), and large message bodies
-//! are queued shared, with no copy. The task reads only when the connection and the shard can take more work
+//! the queued frames into one `sendmsg`: small frames are copied one after another into a
+//! piece the connection owns (a few allocations per write, not two per frame), and large
+//! message bodies are queued shared, with no copy. The task reads only when the connection and the shard can take more work
 //! (back-pressure), and stops at a fatal error, a GO_AWAY, EOF, or a hand-over.
 
 use std::cell::{Cell, RefCell};
@@ -331,10 +331,10 @@ impl Conn {
     }
 
     /// Queues encoded bytes (a frame, or a part of one) as a shared piece and wakes the task.
-    pub fn push_bytes(&self, b: Bytes) {
+    fn push_bytes(&self, b: Bytes) {
         let mut st = self.st.borrow_mut();
-        // An empty piece (the body of an empty message) must not enter the queue: a write
-        // takes 0 bytes from it and never removes it, and the write loop would spin forever.
+        // An empty piece must not enter the queue: a write takes 0 bytes from it and never
+        // removes it, and the write loop would spin forever.
         if st.aborted || b.is_empty() {
             return;
         }
@@ -369,6 +369,15 @@ impl Conn {
                 }
             }
         };
+        // Grow by doubling, capped at the piece bound: `Vec`'s own growth could leave a piece
+        // holding up to twice that bound, which the outbound limits (counted in bytes queued)
+        // would not see.
+        if tail.capacity() - tail.len() < len {
+            let want = (tail.capacity() * 2)
+                .min(limits::OWNED_PIECE_BYTES_MAX)
+                .max(tail.len() + len);
+            tail.reserve_exact(want - tail.len());
+        }
         for p in parts {
             tail.extend_from_slice(p);
         }
@@ -402,8 +411,10 @@ impl Conn {
                 b[gap - n..gap].copy_from_slice(&h[..n]);
                 start = gap - n;
             }
+            // Server frames encoded here are small as a rule (a full group's member list, 1,024
+            // members of 9 bytes, is about 9 KiB), so copying them is cheap.
             self.push_copied(&[&b[start..]]);
-            // A large frame (a long member list) must not keep its buffer for good.
+            // A rare large frame must not keep its buffer for good.
             if b.capacity() > limits::OWNED_PIECE_BYTES_MAX {
                 *b = BytesMut::new();
             }
