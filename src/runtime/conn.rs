@@ -4,8 +4,9 @@
 //! only a partial frame when one is split across reads (freed when complete). Writes gather
 //! the queued frames into one `sendmsg`: small frames are copied one after another into a
 //! piece the connection owns (a few allocations per write, not two per frame), and large
-//! message bodies are queued shared, with no copy. The task reads only when the connection and the shard can take more work
-//! (back-pressure), and stops at a fatal error, a GO_AWAY, EOF, or a hand-over.
+//! message bodies are queued shared, with no copy. The task reads only when the connection
+//! and the shard can take more work (back-pressure), and stops at a fatal error, a GO_AWAY,
+//! EOF, or a hand-over.
 
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
