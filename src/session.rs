@@ -449,12 +449,10 @@ impl DeliveryWindow {
 
     /// Removes an acknowledged id; `None` if it was not in flight.
     pub fn acked(&mut self, id: ServerMsgId) -> Option<InFlight> {
-        let f = if self.in_flight.front().is_some_and(|f| f.id == id) {
-            self.in_flight.pop_front()
-        } else {
-            let pos = self.in_flight.iter().position(|f| f.id == id)?;
-            self.in_flight.remove(pos)
-        };
+        // An in-order ACK is found first and removed from the front, moving nothing
+        // (`VecDeque::remove` shifts the shorter side).
+        let pos = self.in_flight.iter().position(|f| f.id == id)?;
+        let f = self.in_flight.remove(pos);
         if self.in_flight.is_empty() {
             // Give back the allocation: idle sessions hold no buffers.
             self.in_flight = VecDeque::new();

@@ -121,17 +121,12 @@ struct ConnState {
 impl ConnState {
     /// Counts `n` bytes newly added to `layers.wire_out` as queued output.
     fn wire_added(&mut self, n: usize) {
-        if n == 0 {
-            return;
+        if n > 0 {
+            self.queued(n);
         }
-        if self.out_bytes == 0 {
-            self.out_since_ms = super::mono_ms();
-        }
-        self.out_bytes += n;
-        IO_COUNTS.with(|c| bump(&c.out_bytes_queued, n as u64));
     }
 
-    /// Counts `n` bytes newly added to `out` as queued output.
+    /// Counts `n` bytes newly added to `out` (or to `layers.wire_out`) as queued output.
     fn queued(&mut self, n: usize) {
         if self.out_bytes == 0 {
             // The real clock, not the cached one: that is refreshed on reads, and a connection
@@ -355,20 +350,16 @@ impl Conn {
             return;
         }
         st.queued(len);
-        let fits = |v: &Vec<u8>| v.len() + len <= limits::OWNED_PIECE_BYTES_MAX;
         // The front piece may be partly written (`out_offset`): appending leaves its written
         // prefix where it is, so the offset stays right.
-        let tail = match st.out.back_mut() {
-            Some(Piece::Owned(v)) if fits(v) => v,
-            _ => {
-                st.out.push_back(Piece::Owned(Vec::with_capacity(
-                    len.max(limits::OWNED_PIECE_BYTES_FIRST),
-                )));
-                match st.out.back_mut() {
-                    Some(Piece::Owned(v)) => v,
-                    _ => unreachable!("an owned piece was pushed just above"),
-                }
-            }
+        let fits = matches!(st.out.back(),
+            Some(Piece::Owned(v)) if v.len() + len <= limits::OWNED_PIECE_BYTES_MAX);
+        if !fits {
+            let first = len.max(limits::OWNED_PIECE_BYTES_FIRST);
+            st.out.push_back(Piece::Owned(Vec::with_capacity(first)));
+        }
+        let Some(Piece::Owned(tail)) = st.out.back_mut() else {
+            unreachable!("the last piece is an owned one with room, or was just pushed");
         };
         // Grow by doubling, capped at the piece bound: `Vec`'s own growth could leave a piece
         // holding up to twice that bound, which the outbound limits (counted in bytes queued)
