@@ -175,5 +175,14 @@ pub const GROUP_BODY_SHARED_MIN_BYTES: usize = 512;
 /// Shared group bodies of the first on-disk format converted per transaction when a store
 /// opens (see `store`).
 pub const LEGACY_BODIES_PER_TXN: usize = 1_000;
+/// (Group log record, member) pairs moved into members' queues per transaction when a store
+/// opens (see `store::Op::Unlog`).
+pub const GROUP_LOG_MOVES_PER_TXN: usize = 10_000;
+/// Group messages one online user may hold in the shard's memory, stored once in the group log
+/// (delivered or waiting for room in the delivery window). Past it, further group messages go
+/// to the user's own queue, as for an offline member (docs/architecture.md, Groups).
+pub const GROUP_LIVE_PER_USER_MAX: usize = 512;
+/// Wait before a failed commit's group log moves and drops are tried again, ms.
+pub const LOG_RETRY_MS: u64 = 100;
 /// Group member lists one shard keeps in memory (the store holds them all).
 pub const GROUP_CACHE_MAX: usize = 65_536;

@@ -188,6 +188,10 @@ pub struct ShardSnapshot {
     pub group_deliveries: u64,
     /// Group messages and events a member missed: its queue was full.
     pub group_queue_full: u64,
+    /// Member-deliveries stored through the group log (online members).
+    pub group_log_deliveries: u64,
+    /// Group messages held in memory for online members, each stored once in the group log.
+    pub group_log_messages: u64,
     /// Group receipt tallies written to the store (checkpoints).
     pub group_tally_writes: u64,
     /// Outbound bytes queued on the shard's connections now (the memory budget's gauge).
@@ -626,7 +630,7 @@ impl prometheus_client::collector::Collector for Snapshots {
         counter(
             e,
             "group_deliveries",
-            "Group messages appended to members' queues (member-deliveries; events not counted)",
+            "Group messages stored for members: queue appends and group log members (member-deliveries; events not counted)",
             f,
             |s| s.group_deliveries,
         )?;
@@ -636,6 +640,20 @@ impl prometheus_client::collector::Collector for Snapshots {
             "Group messages and events a member missed because its queue was full",
             f,
             |s| s.group_queue_full,
+        )?;
+        counter(
+            e,
+            "group_log_deliveries",
+            "Member-deliveries stored through the group log: one record per message for the shard's online members",
+            f,
+            |s| s.group_log_deliveries,
+        )?;
+        gauge(
+            e,
+            "group_log_messages",
+            "Group messages held for online members, each stored once in the group log until every one of them ACKs or leaves",
+            f,
+            |s| s.group_log_messages,
         )?;
         counter(
             e,
@@ -775,6 +793,8 @@ mod tests {
             sends_blocked: 0,
             group_deliveries: 0,
             group_queue_full: 0,
+            group_log_deliveries: 0,
+            group_log_messages: 0,
             group_tally_writes: 0,
             outbound_bytes_queued: 0,
             commit_us: Buckets::default(),

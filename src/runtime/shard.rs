@@ -41,6 +41,7 @@ use slab::Slab;
 use smallvec::SmallVec;
 
 mod groups;
+mod log;
 mod presence;
 
 pub use groups::GroupRequest;
@@ -281,6 +282,12 @@ pub struct ShardConfig {
 
 /// What a committed op must trigger.
 #[derive(Debug)]
+/// A committed item to deliver live: to one user, or a group log record to its members.
+enum Live {
+    One(UserId, ServerMsgId, Item),
+    Log(ServerMsgId, Item, Vec<UserId>),
+}
+
 enum Completion {
     None,
     /// After the delete of an acknowledged message commits: tell its sender (once, however many
@@ -298,6 +305,11 @@ enum Completion {
     },
     /// One member's append of a group message: the part of a fan-out this shard owes.
     Fanout(Rc<groups::FanoutPart>),
+    /// A group log record for `n` live members: that many members of the fan-out's part.
+    Log {
+        part: Option<Rc<groups::FanoutPart>>,
+        n: usize,
+    },
     /// After the delete of an acknowledged group message commits: count it in the message's
     /// tally on the group's shard.
     GroupDelivered {
@@ -373,6 +385,8 @@ pub struct ShardStats {
     pub group_deliveries: Cell<u64>,
     /// Group messages and events a member did not get: its queue was full.
     pub group_queue_full: Cell<u64>,
+    /// Member-deliveries stored through the group log (one record per message and shard).
+    pub group_log_deliveries: Cell<u64>,
     /// Group receipt tallies written to (or deleted from) the store by checkpoints.
     pub group_tally_writes: Cell<u64>,
 }
@@ -481,6 +495,8 @@ pub struct Shard {
     /// Group messages waiting for their member shards' commits, by fan-out id (the shard's
     /// own counter: foldhash, like `sessions`).
     fanouts: RefCell<foldhash::HashMap<u64, groups::FanoutWait>>,
+    /// Group messages stored once for this shard's online members (`log.rs`).
+    glog: log::GroupLog,
     next_fanout: Cell<u64>,
     /// Delivered/read tallies of recent group messages sent through this shard's groups.
     tallies: RefCell<HashMap<(u64, ServerMsgId), crate::store::TallyRecord>>,
@@ -593,6 +609,7 @@ impl Shard {
             watchers: RefCell::new(HashMap::new()),
             groups: RefCell::new(HashMap::new()),
             fanouts: RefCell::default(),
+            glog: log::GroupLog::default(),
             next_fanout: Cell::new(0),
             tallies: RefCell::new(HashMap::new()),
             tally_order: RefCell::new(std::collections::VecDeque::new()),
@@ -807,6 +824,8 @@ impl Shard {
         while !self.store_idle() && Instant::now() < deadline {
             glommio::timer::sleep(Duration::from_millis(5)).await;
         }
+        // Group log ACKs counted since the last commit, before the node's drain barrier.
+        self.flush_log_delivered();
         if !self.pending.borrow().is_empty() {
             tracing::error!(shard = self.id.0, ops = self.pending.borrow().len(), "shutdown: store writes still pending at the deadline (none of them was acknowledged)");
         }
@@ -873,6 +892,7 @@ impl Shard {
             };
             if went_offline {
                 let now = now_ms();
+                self.log_user_offline(user);
                 self.enqueue_op(Op::LastSeen { user, ms: now }, Completion::None);
                 self.presence_changed(user, false, now);
             }
@@ -1211,6 +1231,7 @@ impl Shard {
                                 id.0
                             ),
                         )),
+                        Some(f) if f.group.is_some() && self.log_acked(user, id) => {}
                         Some(f) => {
                             // The delivered receipt goes out only once the delete commits and
                             // really removed the message (see `complete`).
@@ -1491,8 +1512,23 @@ impl Shard {
             return;
         }
         match self.store.read_queue(user, conn.cursor(), room) {
-            Ok(items) => {
-                let n = items.len();
+            Ok(mut items) => {
+                // With the user's group log messages: the first `room` of both, by id, below
+                // the first log message whose record has not committed (see `log_items`).
+                let (logged, fence) = self.log_items(user, conn.cursor());
+                if !logged.is_empty() {
+                    items.extend(logged);
+                    items.sort_unstable_by_key(|(id, _)| *id);
+                    // A moved-out item is in both until this reactor sees the move commit.
+                    items.dedup_by_key(|(id, _)| *id);
+                }
+                let mut n = items.len();
+                if let Some(fence) = fence {
+                    items.retain(|(id, _)| *id < fence);
+                    // Not caught up: the rest follows once the record commits.
+                    n = n.max(room);
+                }
+                items.truncate(room);
                 for (i, (id, item)) in items.iter().enumerate() {
                     // Bound by bytes as well as by count: a window of large messages must
                     // not overflow the connection's outbound limit (it resumes after a flush).
@@ -1698,6 +1734,18 @@ impl Shard {
         }
     }
 
+    /// [`Self::deliver_live`] for each member a committed item is for.
+    fn deliver_live_all(&self, live: Live) {
+        match live {
+            Live::One(user, id, item) => self.deliver_live(user, id, &item),
+            Live::Log(id, item, users) => {
+                for user in users {
+                    self.deliver_live(user, id, &item);
+                }
+            }
+        }
+    }
+
     // ---------------------------------------------------------------- store
 
     /// Nothing waits for the committer and no commit runs.
@@ -1764,6 +1812,7 @@ impl Shard {
             self.stats.commits.set(self.stats.commits.get() + 1);
             self.dirty.set(true);
             self.complete(ops, completions, result, retried).await;
+            self.flush_log_delivered();
             // Only now: the store is not idle until what the commit owes is sent.
             self.committing.set(false);
             self.wake_paused();
@@ -1807,10 +1856,8 @@ impl Shard {
                 let mut slice = Instant::now();
                 let mut done = 0usize;
                 while let Some(((op, completion), outcome)) = rest.next() {
-                    if let Some((user, id, item)) =
-                        self.settle(op, completion, outcome, &mut delivered)
-                    {
-                        self.deliver_live(user, id, &item);
+                    if let Some(live) = self.settle(op, completion, outcome, &mut delivered) {
+                        self.deliver_live_all(live);
                     }
                     done += 1;
                     if done % 256 == 0 && slice.elapsed() >= slice_max {
@@ -1818,16 +1865,16 @@ impl Shard {
                         // reads a committed item during a yield must not make its sender hear
                         // of it (a READ receipt) before the SEND_ACK. Only live deliveries
                         // are left for the slices.
-                        let live: Vec<(UserId, ServerMsgId, Item)> = rest
+                        let live: Vec<Live> = rest
                             .by_ref()
                             .filter_map(|((op, c), o)| self.settle(op, c, o, &mut delivered))
                             .collect();
-                        for (i, (user, id, item)) in live.into_iter().enumerate() {
+                        for (i, live) in live.into_iter().enumerate() {
                             if i % 256 == 0 && slice.elapsed() >= slice_max {
                                 glommio::executor().yield_task_queue_now().await;
                                 slice = Instant::now();
                             }
-                            self.deliver_live(user, id, &item);
+                            self.deliver_live_all(live);
                         }
                     }
                 }
@@ -1840,7 +1887,18 @@ impl Shard {
                 tracing::error!(shard = self.id.0, error = %e, ops = completions.len(), "group commit failed; refusing its sends");
                 let mut retried = retried.map(Vec::into_iter);
                 let mut delivered = Vec::new();
+                // Moves out of the group log and record drops are tried again, ahead of the
+                // ops that came after them (a drop must never pass the move it waits for).
+                let mut again = Vec::new();
                 for (op, completion) in ops.into_iter().zip(completions) {
+                    match op {
+                        Op::LogPut { id, .. } => self.log_committed(id, false),
+                        Op::Unlog { .. } | Op::LogDrop { .. } => {
+                            again.push((op, completion));
+                            continue;
+                        }
+                        _ => {}
+                    }
                     if let (Op::Delete { .. }, Some(outcomes)) = (&op, retried.as_mut()) {
                         // `apply` answers one outcome per op; were one missing, the delete
                         // would settle as not found rather than stop the shard.
@@ -1861,6 +1919,13 @@ impl Shard {
                             e.client_message(),
                         ),
                         Completion::Fanout(part) => self.fanout_part_done(&part, true),
+                        Completion::Log { part, n } => {
+                            for _ in 0..n {
+                                if let Some(part) = &part {
+                                    self.fanout_part_done(part, true);
+                                }
+                            }
+                        }
                         Completion::GroupOk {
                             to,
                             request_id,
@@ -1890,6 +1955,11 @@ impl Shard {
                     }
                 }
                 self.send_delivered_counts(delivered);
+                if !again.is_empty() {
+                    self.pending.borrow_mut().splice(0..0, again);
+                    // Not at once: what failed (a full disk or map) rarely passes at once.
+                    glommio::timer::sleep(Duration::from_millis(limits::LOG_RETRY_MS)).await;
+                }
             }
         }
     }
@@ -1928,7 +1998,7 @@ impl Shard {
         completion: Completion,
         outcome: OpOutcome,
         delivered: &mut Vec<(ShardId, u64, ServerMsgId)>,
-    ) -> Option<(UserId, ServerMsgId, Item)> {
+    ) -> Option<Live> {
         match (op, outcome) {
             (Op::Append { user, id, item }, OpOutcome::Appended) => {
                 match completion {
@@ -1948,8 +2018,25 @@ impl Shard {
                     }
                     _ => {}
                 }
-                return Some((user, id, item));
+                return Some(Live::One(user, id, item));
             }
+            (Op::LogPut { id, item, users }, OpOutcome::Appended) => {
+                self.log_committed(id, true);
+                if let Completion::Log {
+                    part: Some(part),
+                    n,
+                } = completion
+                {
+                    bump(&self.stats.group_deliveries, n as u64);
+                    bump(&self.stats.group_log_deliveries, n as u64);
+                    for _ in 0..n {
+                        self.fanout_part_done(&part, false);
+                    }
+                }
+                return Some(Live::Log(id, item, users));
+            }
+            (Op::Unlog { user, ids }, _) => self.log_unlogged(user, ids, true),
+            (Op::LogPut { .. } | Op::LogDrop { .. }, _) => {}
             (Op::Append { user, .. }, OpOutcome::QueueFull) => match completion {
                 Completion::SendAck {
                     to, client_msg_id, ..
@@ -1967,6 +2054,7 @@ impl Shard {
                     self.fanout_part_done(&part, false);
                 }
                 Completion::None
+                | Completion::Log { .. }
                 | Completion::Receipt { .. }
                 | Completion::GroupDelivered { .. }
                 | Completion::GroupOk { .. } => {
@@ -2058,6 +2146,7 @@ impl Shard {
             // Closes since the last tick may have freed budget: resume parked readers (they
             // are otherwise woken by commits, flushes and drained output).
             self.wake_paused();
+            self.flush_log_delivered();
             self.checkpoint_tallies();
             // Forget sources that have been quiet long enough for their bucket to refill.
             let rate = self.cfg.connect_rate_per_source;
@@ -2263,6 +2352,8 @@ impl Shard {
             sends_blocked: st.sends_blocked.get(),
             group_deliveries: st.group_deliveries.get(),
             group_queue_full: st.group_queue_full.get(),
+            group_log_deliveries: st.group_log_deliveries.get(),
+            group_log_messages: self.log_messages() as u64,
             group_tally_writes: st.group_tally_writes.get(),
             outbound_bytes_queued: io.out_bytes_queued.get(),
             commit_us: Buckets::from_histogram(&self.commit_us.borrow(), &LATENCY_BOUNDS_US),

@@ -19,6 +19,9 @@
 //!   The count has a record of its own so that an acknowledgement rewrites 4 bytes, not the
 //!   body. Before that, `'B' | group_msg_id:u64` → `refs:u32 body`; [`Store::open`] converts
 //!   such records.
+//! - `meta`, on a member's shard: `'L' | id:u64` → `users:u16 (user:u64)* item` (the group
+//!   log: a group message stored once for the shard's online members, [`Op::LogPut`]; its
+//!   ACKs are kept in memory, and [`Store::open`] moves what is left into the members' queues).
 //! - `meta`, on a group's shard: `'T' | group_msg_id:u64` → `group:u64 sender:u64 members:u16
 //!   delivered:u16 read:u16 reported:u8` (a group message's receipt tally, [`TallyRecord`]:
 //!   checkpointed by the shard, so that aggregated receipts go on after a restart).
@@ -362,6 +365,34 @@ pub enum Op {
         /// Block or unblock.
         on: bool,
     },
+    /// Store a group message once for `users`, members of this shard with an online device
+    /// (the group log, `'L' | id`): their deliveries and ACKs then happen in memory, and only
+    /// the record's removal ([`Op::LogDrop`]) or a member's move to its own queue
+    /// ([`Op::Unlog`]) writes again. [`Store::open`] moves every record left by a stop or a
+    /// crash into its members' queues, so the message is as durable as `users` appends.
+    LogPut {
+        /// The message's id on this shard (the key; also the members' delivery id).
+        id: ServerMsgId,
+        /// The group message.
+        item: Item,
+        /// The members it is for.
+        users: Vec<UserId>,
+    },
+    /// Remove log record `id`: every member it was for acknowledged it or was moved.
+    LogDrop {
+        /// The record.
+        id: ServerMsgId,
+    },
+    /// Move `user` out of log records `ids`: each record's item is appended to the user's own
+    /// queue under the same id (whatever the queue's limit: it was acknowledged to its sender
+    /// already) and the user is removed from the record (the record too, when it was the
+    /// last). Ids whose record is gone or does not name the user are skipped.
+    Unlog {
+        /// The member.
+        user: UserId,
+        /// Log records, in increasing order.
+        ids: Vec<ServerMsgId>,
+    },
     /// Write group message `msg_id`'s receipt tally (`None`: delete it, the tally is over).
     Tally {
         /// The group (not part of the key; lets a failed write be marked for a retry).
@@ -435,7 +466,18 @@ pub fn batch_len<'a>(
                 Item::GroupReceipt { .. } | Item::Receipt { .. } => {}
             },
             Op::PutGroup { members, .. } => b += overflow_bytes(9, 9 * members.len(), page),
+            Op::LogPut { item, users, .. } => {
+                let body = match item {
+                    Item::GroupMessage { body, .. } => body.len(),
+                    _ => 0,
+                };
+                b += overflow_bytes(9, 2 + 8 * users.len() + 37 + body, page);
+            }
+            // Each id: the user's new queue item and the rewritten record (bodies are small
+            // next to the map; a member holds at most `limits::GROUP_LIVE_PER_USER_MAX`).
+            Op::Unlog { ids, .. } => b += 2 * page * ids.len(),
             Op::Delete { .. }
+            | Op::LogDrop { .. }
             | Op::LastSeen { .. }
             | Op::Privacy { .. }
             | Op::Block { .. }
@@ -671,6 +713,36 @@ fn count_key(user: UserId) -> [u8; 9] {
     tagged_key(b'c', user.0)
 }
 
+fn log_key(id: ServerMsgId) -> [u8; 9] {
+    tagged_key(LOG_PREFIX, id.0)
+}
+
+/// Group log records: `'L' | id:u64` → `users:u16 (user:u64)* item` (see [`Op::LogPut`]).
+const LOG_PREFIX: u8 = b'L';
+
+fn encode_log(users: &[UserId], item: &Item) -> Vec<u8> {
+    let item = item.encode();
+    let mut v = Vec::with_capacity(2 + 8 * users.len() + item.len());
+    v.extend_from_slice(&(users.len() as u16).to_be_bytes());
+    users
+        .iter()
+        .for_each(|u| v.extend_from_slice(&u.0.to_be_bytes()));
+    v.extend_from_slice(&item);
+    v
+}
+
+/// A log record's members and item; `None` when malformed.
+fn decode_log(v: &[u8]) -> Option<(Vec<UserId>, Item)> {
+    let n = u16::from_be_bytes(v.get(..2)?.try_into().ok()?) as usize;
+    let users = v
+        .get(2..2 + 8 * n)?
+        .chunks_exact(8)
+        .map(|b| UserId(u64::from_be_bytes(b.try_into().expect("8 bytes"))))
+        .collect();
+    let item = Item::decode(&v[2 + 8 * n..])?;
+    Some((users, item))
+}
+
 fn tally_key(msg_id: ServerMsgId) -> [u8; 9] {
     tagged_key(TALLY_PREFIX, msg_id.0)
 }
@@ -832,17 +904,23 @@ impl Store {
             }
             wtxn.commit().map_err(lmdb)?;
         }
+        let store = Store {
+            env,
+            queue,
+            meta,
+            path,
+        };
+        let moved = store.unlog_all()?;
+        if moved > 0 {
+            tracing::info!(
+                shard = shard.0,
+                items = moved,
+                "group log moved into members' queues"
+            );
+        }
         // The epoch must be on disk before any id of this epoch can be acknowledged.
-        env.force_sync().map_err(lmdb)?;
-        Ok(Opened {
-            store: Store {
-                env,
-                queue,
-                meta,
-                path,
-            },
-            epoch,
-        })
+        store.sync()?;
+        Ok(Opened { store, epoch })
     }
 
     fn err(&self, source: heed::Error) -> StoreError {
@@ -910,7 +988,10 @@ impl Store {
             }
             _ => false,
         });
-        let out = if conflict || !by_key {
+        // A move out of the log writes queue items where it stands, which the key-ordered
+        // path cannot interleave with its deletes.
+        let unlogs = ops.iter().any(|op| matches!(op, Op::Unlog { .. }));
+        let out = if conflict || unlogs || !by_key {
             self.apply_ops(&mut wtxn, ops, &mut txn, None)?.0
         } else {
             self.apply_by_key(&mut wtxn, ops, deletes, &mut txn)?
@@ -969,6 +1050,7 @@ impl Store {
                     };
                     self.settle_delete(wtxn, txn, *user, found)?
                 }
+                Op::Unlog { user, ids } => self.unlog(wtxn, txn, *user, ids)?,
                 meta => self.apply_meta(wtxn, meta)?,
             });
         }
@@ -1142,11 +1224,136 @@ impl Store {
         Ok(OpOutcome::Deleted(true))
     }
 
+    /// [`Op::Unlog`]: moves `user` out of log records `ids` into its own queue.
+    fn unlog(
+        &self,
+        wtxn: &mut heed::RwTxn,
+        txn: &mut InTxn,
+        user: UserId,
+        ids: &[ServerMsgId],
+    ) -> Result<OpOutcome, StoreError> {
+        for &id in ids {
+            let key = log_key(id);
+            let Some(v) = self.meta.get(wtxn, &key).map_err(|e| self.err(e))? else {
+                continue;
+            };
+            let (mut users, item) = decode_log(v).ok_or(StoreError::Corrupt {
+                path: self.path.clone(),
+                why: "group log record",
+            })?;
+            let Some(at) = users.iter().position(|u| *u == user) else {
+                continue;
+            };
+            users.remove(at);
+            let qkey = queue_key(user, id);
+            // Present already when a crash came after this move's commit but the record was
+            // read back from an older copy: never counted twice.
+            if self
+                .queue
+                .get(wtxn, &qkey)
+                .map_err(|e| self.err(e))?
+                .is_none()
+            {
+                let (msgs, _) = self.counts_in(wtxn, &mut txn.counts, user)?;
+                *msgs += 1;
+                if let Item::GroupMessage { msg_id, body, .. } = &item {
+                    if shares_body(body) {
+                        self.body_ref(wtxn, &mut txn.bodies, *msg_id, Some(body))?;
+                    }
+                }
+                self.queue
+                    .put(wtxn, &qkey, &stored_value(&item))
+                    .map_err(|e| self.err(e))?;
+            }
+            if users.is_empty() {
+                self.meta.delete(wtxn, &key).map_err(|e| self.err(e))?;
+            } else {
+                self.meta
+                    .put(wtxn, &key, &encode_log(&users, &item))
+                    .map_err(|e| self.err(e))?;
+            }
+        }
+        Ok(OpOutcome::Written)
+    }
+
+    /// Moves every group log record's members into their own queues ([`Op::Unlog`]), in
+    /// transactions of a bounded size. Run by [`Store::open`]: a record left there means the
+    /// node stopped or crashed while members were online. Returns the items moved.
+    fn unlog_all(&self) -> Result<usize, StoreError> {
+        let unlimited = QueueLimits {
+            messages_max: u32::MAX,
+            receipts_max: u32::MAX,
+        };
+        let mut moved = 0;
+        loop {
+            // (record, member) pairs, at most `limits::GROUP_LOG_MOVES_PER_TXN` a transaction:
+            // a record left partly moved is read again, with the members left.
+            let mut ops = Vec::new();
+            {
+                let rtxn = self.env.read_txn().map_err(|e| self.err(e))?;
+                let mut pairs = 0;
+                for r in self
+                    .meta
+                    .prefix_iter(&rtxn, &[LOG_PREFIX])
+                    .map_err(|e| self.err(e))?
+                {
+                    if pairs >= crate::limits::GROUP_LOG_MOVES_PER_TXN {
+                        break;
+                    }
+                    let (k, v) = r.map_err(|e| self.err(e))?;
+                    let corrupt = || StoreError::Corrupt {
+                        path: self.path.clone(),
+                        why: "group log record",
+                    };
+                    let id = k
+                        .get(1..)
+                        .and_then(u64_be)
+                        .map(ServerMsgId)
+                        .ok_or_else(corrupt)?;
+                    let (users, _) = decode_log(v).ok_or_else(corrupt)?;
+                    if users.is_empty() {
+                        ops.push(Op::LogDrop { id });
+                    }
+                    for user in users
+                        .into_iter()
+                        .take(crate::limits::GROUP_LOG_MOVES_PER_TXN - pairs)
+                    {
+                        pairs += 1;
+                        ops.push(Op::Unlog {
+                            user,
+                            ids: vec![id],
+                        });
+                    }
+                }
+            }
+            if ops.is_empty() {
+                return Ok(moved);
+            }
+            moved += ops
+                .iter()
+                .filter(|op| matches!(op, Op::Unlog { .. }))
+                .count();
+            self.apply(&ops, unlimited)?;
+        }
+    }
+
     /// An op outside the queue: presence, privacy, a group's members, a block, a tally.
     fn apply_meta(&self, wtxn: &mut heed::RwTxn, op: &Op) -> Result<OpOutcome, StoreError> {
         let err = |e| self.err(e);
         match op {
-            Op::Append { .. } | Op::Delete { .. } => unreachable!("queue ops are applied apart"),
+            Op::Append { .. } | Op::Delete { .. } | Op::Unlog { .. } => {
+                unreachable!("queue ops are applied apart")
+            }
+            Op::LogPut { id, item, users } => {
+                self.meta
+                    .put(wtxn, &log_key(*id), &encode_log(users, item))
+                    .map_err(err)?;
+                return Ok(OpOutcome::Appended);
+            }
+            Op::LogDrop { id } => {
+                let gone = self.meta.delete(wtxn, &log_key(*id)).map_err(err)?;
+                return Ok(OpOutcome::Deleted(gone));
+            }
             Op::LastSeen { user, ms } => {
                 let mut r = self.presence_in(wtxn, *user)?;
                 r.last_seen_ms = *ms;
@@ -2212,6 +2419,89 @@ mod tests {
             )
             .unwrap();
         assert_eq!(out, vec![OpOutcome::Appended, OpOutcome::QueueFull]);
+    }
+
+    #[test]
+    fn group_log_records_move_into_members_queues_once_and_on_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let open = || {
+            Store::open(dir.path(), ShardId(0), 1, 16, SyncPolicy::None)
+                .unwrap()
+                .store
+        };
+        let (a, b, c) = (UserId(1), UserId(2), UserId(3));
+        let item = |n: u8, len: usize| Item::GroupMessage {
+            group: 7,
+            msg_id: ServerMsgId(100 + u64::from(n)),
+            sender: UserId(9),
+            sender_device: DeviceId(1),
+            ts_ms: 5,
+            body: Bytes::from(vec![n; len]),
+        };
+        let queue = |s: &Store, u: UserId| -> Vec<(u64, Vec<u8>)> {
+            let q = s.read_queue(u, None, 10).unwrap();
+            q.into_iter().map(|(id, i)| (id.0, i.encode())).collect()
+        };
+        // A limit of one message: moves out of the log ignore it (the sender has its ack).
+        let tight = QueueLimits {
+            messages_max: 1,
+            receipts_max: 1,
+        };
+        let (one, two) = (item(1, 64), item(2, 600));
+        let s = open();
+        let put = s
+            .apply(
+                &[
+                    Op::LogPut {
+                        id: ServerMsgId(10),
+                        item: one.clone(),
+                        users: vec![a, b, c],
+                    },
+                    Op::LogPut {
+                        id: ServerMsgId(11),
+                        item: two.clone(),
+                        users: vec![a, b],
+                    },
+                ],
+                tight,
+            )
+            .unwrap();
+        assert_eq!(put, vec![OpOutcome::Appended, OpOutcome::Appended]);
+        assert!(queue(&s, a).is_empty());
+        assert_eq!(s.queue_counts(a).unwrap(), (0, 0));
+        let both = vec![(10, one.encode()), (11, two.encode())];
+        // b leaves: both move to its queue, in order, under the same ids; twice is once.
+        for _ in 0..2 {
+            let ids = vec![ServerMsgId(10), ServerMsgId(11)];
+            s.apply(&[Op::Unlog { user: b, ids }], tight).unwrap();
+            assert_eq!(queue(&s, b), both);
+            assert_eq!(s.queue_counts(b).unwrap(), (2, 0));
+        }
+        // a ACKed 11 in memory and was the last: the record goes.
+        let drop11 = Op::LogDrop {
+            id: ServerMsgId(11),
+        };
+        assert_eq!(
+            s.apply(std::slice::from_ref(&drop11), tight).unwrap(),
+            vec![OpOutcome::Deleted(true)]
+        );
+        assert_eq!(
+            s.apply(&[drop11], tight).unwrap(),
+            vec![OpOutcome::Deleted(false)]
+        );
+        // A stop: 10 is still for a and c, and moves into their queues on open, once.
+        drop(s);
+        for _ in 0..2 {
+            let s = open();
+            for u in [a, c] {
+                assert_eq!(queue(&s, u), vec![(10, one.encode())]);
+                assert_eq!(s.queue_counts(u).unwrap(), (1, 0));
+            }
+            assert_eq!(queue(&s, b), both);
+            assert_eq!(s.queue_counts(b).unwrap(), (2, 0));
+            // The 600-byte body is stored once, referred to by b's item only.
+            assert_eq!(body_record(&s, ServerMsgId(102)).map(|r| r.0), Some(1));
+        }
     }
 
     #[test]

@@ -7,7 +7,8 @@
 //! member's shard ── Group{request} ──▶ group's shard: check membership and role
 //!                                       GROUP_SEND: id, then per member shard:
 //!                       ◀── GroupFanout{item, members there} (one envelope per shard)
-//! member shards: append to each member's queue (group commit), deliver live,
+//! member shards: one group log record for the online members (log.rs), an append to each
+//!                other member's queue (group commit), deliver live,
 //!                ── FanoutDone ──▶ group's shard: when every member shard has committed,
 //!                                  SEND_ACK to the sender (the durability contract)
 //! ```
@@ -72,7 +73,7 @@ pub(super) struct FanoutWait {
 
 /// A member shard's part of one fan-out: its appends left to commit.
 #[derive(Debug)]
-pub(super) struct FanoutPart {
+pub(crate) struct FanoutPart {
     origin: ShardId,
     fanout: u64,
     left: Cell<usize>,
@@ -200,6 +201,16 @@ impl Shard {
                         failed: Cell::new(false),
                     })
                 });
+                // Online members share one log record; the others get their own append.
+                let recipients = if matches!(item, Item::GroupMessage { .. }) {
+                    let (live, others) = self.split_live(recipients);
+                    if !live.is_empty() {
+                        self.log_put(item.clone(), live, part.clone());
+                    }
+                    others
+                } else {
+                    recipients
+                };
                 for user in recipients {
                     let id = self.next_msg_id();
                     let completion = match &part {
