@@ -1,19 +1,22 @@
 #!/usr/bin/env bash
-# Crash safety under load: runs the loadgen's chat and offline scenarios against one gateway
+# Crash safety under load: runs the loadgen's chat, offline and groups scenarios against one gateway
 # node, kills the node with SIGKILL at random moments several times, restarts it on the same
 # data directory each time, and lets the loadgen's loss check prove that no message the
 # gateway acknowledged was lost (and that order held per sender and recipient).
 #
-#   scripts/crash-under-load.sh [--kills 3] [--scenarios "chat offline"] [--users 200]
+#   scripts/crash-under-load.sh [--kills 3] [--scenarios "chat offline groups"] [--users 200]
 #                               [--rate 5000] [--messages 1000000] [--seed N] [--dir DIR]
 #
 # Loopback only, bounded: each scenario runs at most --max-run-s (120 s) and is then stopped.
 # Kills land at uniformly random moments in the scenario's busy window (seeded by --seed, so a
 # failing run can be repeated). Exit 0 when every scenario lost nothing, 1 otherwise.
+# groups: groups of 100 (the users are all online, so member shards use the group log), at
+# --rate / 5 group messages/s; every acknowledged message must reach every other member
+# (distinct (member, message) pairs; redeliveries after a restart are counted apart).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-kills=3 scenarios="chat offline" users=200 rate=5000 messages=1000000 seed=$RANDOM
+kills=3 scenarios="chat offline groups" users=200 rate=5000 messages=1000000 seed=$RANDOM
 dir=target/crash-under-load port=7700 max_run=120
 while (($#)); do
   case "$1" in
@@ -73,6 +76,7 @@ TOML
   case $scenario in
     chat) args=(chat --rate "$rate" --duration-s 20); window=20 ;;
     offline) args=(offline --messages "$messages"); window=8 ;;
+    groups) args=(groups --group-size 100 --rate $((rate / 5)) --duration-s 20); window=20 ;;
     *) echo "crash-under-load: unknown scenario $scenario" >&2; exit 2 ;;
   esac
   "$bin/loadgen" run "${args[@]}" --users "$users" --gateway "127.0.0.1:$port" --key-hex "$key" \
@@ -105,6 +109,14 @@ TOML
 import json, sys
 r = json.load(open(sys.argv[1]))
 l, c = r["loss"], r["counters"]
+if sys.argv[2] == "groups":
+    exp, got = c.get("group_expected", 0), c.get("group_delivered", 0)
+    print(f"crash-under-load: groups: {int(sys.argv[3]) - 1} kills, acked {c['acked']}, "
+          f"member-deliveries {got} of {exp} expected, missing {exp - got}, "
+          f"duplicates {c.get('group_duplicates', 0)}, reconnects {c.get('reconnects', 0)}",
+          file=sys.stderr)
+    print("yes" if exp > 0 and got == exp else "no")
+    sys.exit(0)
 print(f"crash-under-load: {sys.argv[2]}: {int(sys.argv[3]) - 1} kills, acked {l['acked']}, "
       f"delivered {l['delivered_distinct']} distinct, lost {l['lost']}, duplicates {l['duplicates']}, "
       f"reordered {l['reordered']}, reconnects {c.get('reconnects', 0)}", file=sys.stderr)

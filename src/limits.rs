@@ -182,7 +182,11 @@ pub const GROUP_LOG_MOVES_PER_TXN: usize = 10_000;
 /// (delivered or waiting for room in the delivery window). Past it, further group messages go
 /// to the user's own queue, as for an offline member (docs/architecture.md, Groups).
 pub const GROUP_LIVE_PER_USER_MAX: usize = 512;
-/// Wait before a failed commit's group log moves and drops are tried again, ms.
-pub const LOG_RETRY_MS: u64 = 100;
+/// Bytes of group message bodies one shard's group log may hold in memory. Past it, fan-outs
+/// append to each member's queue, as for offline members, until ACKs free room.
+pub const GROUP_LOG_BYTES_MAX: usize = 64 << 20;
+/// Bytes of group log records moved into members' queues per transaction when a store opens
+/// (besides `GROUP_LOG_MOVES_PER_TXN`): a transaction cannot reuse the pages it frees.
+pub const GROUP_LOG_MOVE_BYTES_PER_TXN: usize = 64 << 20;
 /// Group member lists one shard keeps in memory (the store holds them all).
 pub const GROUP_CACHE_MAX: usize = 65_536;

@@ -404,6 +404,12 @@ impl Report {
                 c.group_delivered as f64 / (self.main_s + self.drain_s).max(1e-3),
                 c.group_expected.saturating_sub(c.group_delivered)
             );
+            if self.config.reconnect {
+                println!(
+                    "group duplicates    {} (a member got a message again after a restart; not counted above)",
+                    c.group_duplicates
+                );
+            }
             println!(
                 "group offered       {:.0} member-deliveries/s while sending (raise --rate until the achieved rate stops following it)",
                 self.group_offered_per_s

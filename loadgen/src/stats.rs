@@ -105,6 +105,10 @@ pub struct Counters {
     /// Groups: GROUP_DELIVERs received.
     #[serde(default)]
     pub group_delivered: u64,
+    /// Groups with `--reconnect`: GROUP_DELIVERs of a (member, message) pair seen before
+    /// (delivery is at least once; after a gateway restart some come again).
+    #[serde(default)]
+    pub group_duplicates: u64,
     /// Groups: aggregated GROUP_RECEIPTs received by senders.
     #[serde(default)]
     pub group_receipts: u64,
@@ -138,6 +142,7 @@ impl Counters {
         self.presence += o.presence;
         self.group_expected += o.group_expected;
         self.group_delivered += o.group_delivered;
+        self.group_duplicates += o.group_duplicates;
         self.group_receipts += o.group_receipts;
         self.tls_resumed += o.tls_resumed;
         self.reconnects += o.reconnects;

@@ -181,6 +181,19 @@ struct Shared {
     /// Groups: member-deliveries expected and received so far (all executors).
     group_expected: AtomicU64,
     group_delivered: AtomicU64,
+    /// Groups with `--reconnect`: the exact check (see [`GroupCheck`]).
+    group_check: std::sync::Mutex<GroupCheck>,
+}
+
+/// Groups with `--reconnect`: a gateway restart can redeliver a message (at least once) and
+/// deliver one whose SEND_ACK died with it, so counting GROUP_DELIVERs proves nothing. Instead
+/// `group_delivered` counts distinct (member, message) pairs of acknowledged messages only,
+/// kept exact whichever comes first, the SEND_ACK or a delivery. A group's sender and members
+/// are in one worker process, so each process checks its own groups.
+#[derive(Default)]
+struct GroupCheck {
+    acked: HashSet<u64>,
+    seen: HashMap<u64, HashSet<u32>>,
 }
 
 /// Group ids used by the groups scenario: this base plus the first member's user id.
@@ -629,19 +642,55 @@ impl Exec {
             }
             ServerFrame::GroupDeliver {
                 server_msg_id,
+                group_msg_id,
                 body,
                 ..
             } => {
                 acks.push(server_msg_id);
-                k.group_delivered += 1;
-                self.sh.group_delivered.fetch_add(1, Ordering::Relaxed);
+                let counted = if self.sh.args.reconnect {
+                    let mut check = self
+                        .sh
+                        .group_check
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner());
+                    let acked = check.acked.contains(&group_msg_id.0);
+                    if !check.seen.entry(group_msg_id.0).or_default().insert(c.idx) {
+                        k.group_duplicates += 1;
+                        0
+                    } else {
+                        u64::from(acked)
+                    }
+                } else {
+                    1
+                };
+                k.group_delivered += counted;
+                self.sh
+                    .group_delivered
+                    .fetch_add(counted, Ordering::Relaxed);
                 if let Some(h) = BodyHeader::decode(&body) {
                     let us = now_ns.saturating_sub(h.intended_ns) / 1000;
                     record(&self.h_deliver, us);
                     record(&self.h_interval, us);
                 }
             }
-            ServerFrame::SendAck { .. } if self.sh.args.scenario == Scenario::Groups => {
+            ServerFrame::SendAck { server_msg_id, .. }
+                if self.sh.args.scenario == Scenario::Groups =>
+            {
+                if self.sh.args.reconnect {
+                    // Deliveries seen before their SEND_ACK count now.
+                    let mut check = self
+                        .sh
+                        .group_check
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner());
+                    if check.acked.insert(server_msg_id.0) {
+                        let early = check.seen.get(&server_msg_id.0).map_or(0, |s| s.len());
+                        k.group_delivered += early as u64;
+                        self.sh
+                            .group_delivered
+                            .fetch_add(early as u64, Ordering::Relaxed);
+                    }
+                }
                 k.acked += 1;
                 c.inflight.set(c.inflight.get().saturating_sub(1));
                 self.sh.inflight.fetch_sub(1, Ordering::Relaxed);
@@ -834,10 +883,12 @@ impl Exec {
         let t0 = Instant::now();
         let t0_ns = sh.now_ns();
         let duration = Duration::from_secs(sh.args.duration_s);
-        let senders: Vec<Rc<LConn>> = self
+        // By index: with --reconnect a user's connection is replaced after a restart.
+        let senders: Vec<u32> = self
             .ready_conns()
             .into_iter()
-            .filter(|c| sh.group_of.contains_key(&c.idx))
+            .map(|c| c.idx)
+            .filter(|i| sh.group_of.contains_key(i))
             .collect();
         let mut k: u64 = 0;
         while t0.elapsed() < duration && !sh.stop.load(Ordering::Relaxed) {
@@ -850,7 +901,11 @@ impl Exec {
                     self.counters.borrow_mut().error("no_group_member");
                     continue;
                 }
-                let s = &senders[self.rng.borrow_mut().usize(..senders.len())];
+                let idx = senders[self.rng.borrow_mut().usize(..senders.len())];
+                let Some(s) = self.conns.borrow().get(&idx).cloned() else {
+                    self.counters.borrow_mut().send_skipped += 1;
+                    continue;
+                };
                 if !s.ready.get() || s.out.borrow().len() > OUT_BYTES_MAX {
                     self.counters.borrow_mut().send_skipped += 1;
                     continue;
@@ -1345,6 +1400,7 @@ pub fn run(args: RunArgs, index: usize, workers: usize) -> anyhow::Result<()> {
         groups_ready: AtomicU64::new(0),
         group_expected: AtomicU64::new(0),
         group_delivered: AtomicU64::new(0),
+        group_check: Default::default(),
         groups: groups.clone(),
         group_of: groups
             .iter()

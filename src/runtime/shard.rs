@@ -1783,10 +1783,28 @@ impl Shard {
             let limits = self.cfg.queue;
             let started = Instant::now();
             self.committing.set(true);
-            let (ops, result, retried) = blocking(move || {
+            let (ops, result, retried, log_retried) = blocking(move || {
                 let r = store.apply(&ops, limits);
                 let mut retried = None;
+                let mut log_retried = None;
                 if r.is_err() {
+                    // Moves out of the group log and record drops first, alone and in order
+                    // (a drop never passes the move it waits for; a delete of a moved item
+                    // then finds it). Tried once: see `complete` for what a second failure
+                    // does.
+                    let log_ops: Vec<Op> = ops
+                        .iter()
+                        .filter(|op| matches!(op, Op::Unlog { .. } | Op::LogDrop { .. }))
+                        .cloned()
+                        .collect();
+                    if !log_ops.is_empty() {
+                        match store.apply(&log_ops, limits) {
+                            Ok(outcomes) => log_retried = Some(outcomes),
+                            Err(e) => {
+                                tracing::error!(error = %e, "retrying group log moves after a failed commit failed too")
+                            }
+                        }
+                    }
                     // A failed batch (e.g. the map is full) also rolled back its deletes.
                     // Retry them alone: they free space, and acknowledged messages must not
                     // come back. Their outcomes, in order, settle them as in any commit.
@@ -1801,7 +1819,7 @@ impl Shard {
                         }
                     }
                 }
-                (ops, r, retried)
+                (ops, r, retried, log_retried)
             })
             .await;
             let _ = self
@@ -1811,7 +1829,8 @@ impl Shard {
             let _ = self.commit_ops.borrow_mut().record(ops.len() as u64);
             self.stats.commits.set(self.stats.commits.get() + 1);
             self.dirty.set(true);
-            self.complete(ops, completions, result, retried).await;
+            self.complete(ops, completions, result, retried, log_retried)
+                .await;
             self.flush_log_delivered();
             // Only now: the store is not idle until what the commit owes is sent.
             self.committing.set(false);
@@ -1837,6 +1856,7 @@ impl Shard {
         completions: Vec<Completion>,
         result: Result<Vec<OpOutcome>, StoreError>,
         retried: Option<Vec<OpOutcome>>,
+        log_retried: Option<Vec<OpOutcome>>,
     ) {
         if result.is_err() {
             // Tally writes are retried at the next checkpoint.
@@ -1886,18 +1906,29 @@ impl Shard {
                     .set(self.stats.commit_failures.get() + 1);
                 tracing::error!(shard = self.id.0, error = %e, ops = completions.len(), "group commit failed; refusing its sends");
                 let mut retried = retried.map(Vec::into_iter);
+                let mut log_retried = log_retried.map(Vec::into_iter);
                 let mut delivered = Vec::new();
-                // Moves out of the group log and record drops are tried again, ahead of the
-                // ops that came after them (a drop must never pass the move it waits for).
-                let mut again = Vec::new();
                 for (op, completion) in ops.into_iter().zip(completions) {
-                    match op {
-                        Op::LogPut { id, .. } => self.log_committed(id, false),
-                        Op::Unlog { .. } | Op::LogDrop { .. } => {
-                            again.push((op, completion));
-                            continue;
+                    if let Op::LogPut { id, .. } = &op {
+                        self.log_committed(*id, false);
+                    }
+                    if matches!(op, Op::Unlog { .. } | Op::LogDrop { .. }) {
+                        match log_retried.as_mut() {
+                            Some(outcomes) => {
+                                let outcome = outcomes.next().unwrap_or(OpOutcome::Written);
+                                self.settle(op, completion, outcome, &mut delivered);
+                            }
+                            None => {
+                                if let Op::Unlog { user, ids, .. } = op {
+                                    // Not moved: the records keep the user, and
+                                    // `Store::open` moves it; until then no drop may delete
+                                    // them. (A drop not made is harmless: the record is moved
+                                    // on open, and its members that ACKed get it again.)
+                                    self.log_pin(user, &ids);
+                                }
+                            }
                         }
-                        _ => {}
+                        continue;
                     }
                     if let (Op::Delete { .. }, Some(outcomes)) = (&op, retried.as_mut()) {
                         // `apply` answers one outcome per op; were one missing, the delete
@@ -1955,11 +1986,6 @@ impl Shard {
                     }
                 }
                 self.send_delivered_counts(delivered);
-                if !again.is_empty() {
-                    self.pending.borrow_mut().splice(0..0, again);
-                    // Not at once: what failed (a full disk or map) rarely passes at once.
-                    glommio::timer::sleep(Duration::from_millis(limits::LOG_RETRY_MS)).await;
-                }
             }
         }
     }
@@ -2035,7 +2061,7 @@ impl Shard {
                 }
                 return Some(Live::Log(id, item, users));
             }
-            (Op::Unlog { user, ids }, _) => self.log_unlogged(user, ids, true),
+            (Op::Unlog { user, ids, .. }, _) => self.log_unlogged(user, &ids),
             (Op::LogPut { .. } | Op::LogDrop { .. }, _) => {}
             (Op::Append { user, .. }, OpOutcome::QueueFull) => match completion {
                 Completion::SendAck {

@@ -392,6 +392,9 @@ pub enum Op {
         user: UserId,
         /// Log records, in increasing order.
         ids: Vec<ServerMsgId>,
+        /// About how many bytes the moved items take (for the commit's size bound,
+        /// [`batch_len`]); 0 when unknown.
+        bytes: usize,
     },
     /// Write group message `msg_id`'s receipt tally (`None`: delete it, the tally is over).
     Tally {
@@ -475,7 +478,7 @@ pub fn batch_len<'a>(
             }
             // Each id: the user's new queue item and the rewritten record (bodies are small
             // next to the map; a member holds at most `limits::GROUP_LIVE_PER_USER_MAX`).
-            Op::Unlog { ids, .. } => b += 2 * page * ids.len(),
+            Op::Unlog { ids, bytes, .. } => b += 2 * (page * ids.len() + bytes),
             Op::Delete { .. }
             | Op::LogDrop { .. }
             | Op::LastSeen { .. }
@@ -1050,7 +1053,7 @@ impl Store {
                     };
                     self.settle_delete(wtxn, txn, *user, found)?
                 }
-                Op::Unlog { user, ids } => self.unlog(wtxn, txn, *user, ids)?,
+                Op::Unlog { user, ids, .. } => self.unlog(wtxn, txn, *user, ids)?,
                 meta => self.apply_meta(wtxn, meta)?,
             });
         }
@@ -1286,18 +1289,22 @@ impl Store {
         };
         let mut moved = 0;
         loop {
-            // (record, member) pairs, at most `limits::GROUP_LOG_MOVES_PER_TXN` a transaction:
-            // a record left partly moved is read again, with the members left.
+            // (record, member) pairs, at most `limits::GROUP_LOG_MOVES_PER_TXN` and about
+            // `limits::GROUP_LOG_MOVE_BYTES_PER_TXN` written a transaction (a move writes
+            // the item and rewrites the record): a record left partly moved is read again,
+            // with the members left.
             let mut ops = Vec::new();
             {
                 let rtxn = self.env.read_txn().map_err(|e| self.err(e))?;
-                let mut pairs = 0;
+                let (mut pairs, mut bytes) = (0, 0);
                 for r in self
                     .meta
                     .prefix_iter(&rtxn, &[LOG_PREFIX])
                     .map_err(|e| self.err(e))?
                 {
-                    if pairs >= crate::limits::GROUP_LOG_MOVES_PER_TXN {
+                    if pairs >= crate::limits::GROUP_LOG_MOVES_PER_TXN
+                        || bytes >= crate::limits::GROUP_LOG_MOVE_BYTES_PER_TXN
+                    {
                         break;
                     }
                     let (k, v) = r.map_err(|e| self.err(e))?;
@@ -1314,14 +1321,18 @@ impl Store {
                     if users.is_empty() {
                         ops.push(Op::LogDrop { id });
                     }
-                    for user in users
-                        .into_iter()
-                        .take(crate::limits::GROUP_LOG_MOVES_PER_TXN - pairs)
-                    {
+                    for user in users.into_iter() {
+                        if pairs >= crate::limits::GROUP_LOG_MOVES_PER_TXN
+                            || (pairs > 0 && bytes >= crate::limits::GROUP_LOG_MOVE_BYTES_PER_TXN)
+                        {
+                            break;
+                        }
                         pairs += 1;
+                        bytes += 2 * v.len();
                         ops.push(Op::Unlog {
                             user,
                             ids: vec![id],
+                            bytes: v.len(),
                         });
                     }
                 }
@@ -2473,7 +2484,12 @@ mod tests {
         // b leaves: both move to its queue, in order, under the same ids; twice is once.
         for _ in 0..2 {
             let ids = vec![ServerMsgId(10), ServerMsgId(11)];
-            s.apply(&[Op::Unlog { user: b, ids }], tight).unwrap();
+            let unlog = Op::Unlog {
+                user: b,
+                ids,
+                bytes: 0,
+            };
+            s.apply(&[unlog], tight).unwrap();
             assert_eq!(queue(&s, b), both);
             assert_eq!(s.queue_counts(b).unwrap(), (2, 0));
         }

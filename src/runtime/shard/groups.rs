@@ -203,7 +203,7 @@ impl Shard {
                 });
                 // Online members share one log record; the others get their own append.
                 let recipients = if matches!(item, Item::GroupMessage { .. }) {
-                    let (live, others) = self.split_live(recipients);
+                    let (live, others) = self.split_live(recipients, &item);
                     if !live.is_empty() {
                         self.log_put(item.clone(), live, part.clone());
                     }

@@ -36,6 +36,18 @@ struct Entry {
     pending: usize,
     /// The record's commit succeeded: it may be delivered.
     committed: bool,
+    /// A member's move out of the record failed twice: the record must stay for
+    /// `Store::open` (no drop).
+    pinned: bool,
+}
+
+/// What an entry counts against `limits::GROUP_LOG_BYTES_MAX`: its body (the rest is small
+/// and bounded by the entry count).
+fn body_bytes(item: &Item) -> usize {
+    match item {
+        Item::GroupMessage { body, .. } => body.len(),
+        _ => 0,
+    }
 }
 
 /// The shard's group log state (see the module doc).
@@ -49,6 +61,21 @@ pub(super) struct GroupLog {
     /// Acknowledged log deliveries not yet counted on their groups' shards:
     /// (group's shard, group, group message id).
     delivered: RefCell<Vec<(ShardId, u64, ServerMsgId)>>,
+    /// Body bytes of `entries` (bounded by `limits::GROUP_LOG_BYTES_MAX`).
+    bytes: std::cell::Cell<usize>,
+}
+
+impl GroupLog {
+    /// Removes entry `id` (its bytes no longer count).
+    fn remove(
+        &self,
+        entries: &mut foldhash::HashMap<ServerMsgId, Entry>,
+        id: ServerMsgId,
+    ) -> Option<Entry> {
+        let e = entries.remove(&id)?;
+        self.bytes.set(self.bytes.get() - body_bytes(&e.item));
+        Some(e)
+    }
 }
 
 impl Shard {
@@ -58,7 +85,15 @@ impl Shard {
     }
 
     /// Splits a fan-out's `recipients` into live members (returned first) and the others.
-    pub(super) fn split_live(&self, recipients: Vec<UserId>) -> (Vec<UserId>, Vec<UserId>) {
+    /// None is live when the log's memory is at `limits::GROUP_LOG_BYTES_MAX`.
+    pub(super) fn split_live(
+        &self,
+        recipients: Vec<UserId>,
+        item: &Item,
+    ) -> (Vec<UserId>, Vec<UserId>) {
+        if self.glog.bytes.get() + body_bytes(item) > limits::GROUP_LOG_BYTES_MAX {
+            return (Vec::new(), recipients);
+        }
         let sessions = self.sessions.borrow();
         let live = self.glog.live.borrow();
         recipients.into_iter().partition(|u| {
@@ -79,6 +114,9 @@ impl Shard {
                 live.entry(*u).or_default().push_back(id);
             }
         }
+        self.glog
+            .bytes
+            .set(self.glog.bytes.get() + body_bytes(&item));
         self.glog.entries.borrow_mut().insert(
             id,
             Entry {
@@ -86,6 +124,7 @@ impl Shard {
                 users: users.clone(),
                 pending: users.len(),
                 committed: false,
+                pinned: false,
             },
         );
         let n = users.len();
@@ -103,13 +142,16 @@ impl Shard {
             e.committed = true;
             if e.pending == 0 {
                 // Every member was moved out before the record committed.
-                entries.remove(&id);
+                let pinned = e.pinned;
+                self.glog.remove(&mut entries, id);
                 drop(entries);
-                self.enqueue_op(Op::LogDrop { id }, Completion::None);
+                if !pinned {
+                    self.enqueue_op(Op::LogDrop { id }, Completion::None);
+                }
             }
             return;
         }
-        let Some(e) = entries.remove(&id) else {
+        let Some(e) = self.glog.remove(&mut entries, id) else {
             return;
         };
         drop(entries);
@@ -167,9 +209,12 @@ impl Shard {
             }
         }
         if e.pending == 0 && e.committed {
-            entries.remove(&id);
+            let pinned = e.pinned;
+            self.glog.remove(&mut entries, id);
             drop(entries);
-            self.enqueue_op(Op::LogDrop { id }, Completion::None);
+            if !pinned {
+                self.enqueue_op(Op::LogDrop { id }, Completion::None);
+            }
         }
     }
 
@@ -179,20 +224,25 @@ impl Shard {
             return;
         };
         let ids: Vec<ServerMsgId> = ids.into();
+        let mut bytes = 0;
         {
             let entries = self.glog.entries.borrow();
             let mut unlogging = self.glog.unlogging.borrow_mut();
             let held = unlogging.entry(user).or_default();
-            held.extend(
-                ids.iter()
-                    .filter_map(|id| entries.get(id).map(|e| (*id, e.item.clone()))),
-            );
+            for id in &ids {
+                if let Some(e) = entries.get(id) {
+                    // The record's header and members, the item's header and body.
+                    bytes += 2 + 8 * e.users.len() + 37 + body_bytes(&e.item);
+                    held.push((*id, e.item.clone()));
+                }
+            }
         }
         // The move goes ahead of any drop it causes (ops commit in order).
         self.enqueue_op(
             Op::Unlog {
                 user,
                 ids: ids.clone(),
+                bytes,
             },
             Completion::None,
         );
@@ -201,15 +251,8 @@ impl Shard {
         }
     }
 
-    /// `Op::Unlog` for `user` committed (`ok`): its items are in the user's queue now. A
-    /// failed one is put back at the head of the pending ops, ahead of the drops it allows.
-    pub(super) fn log_unlogged(&self, user: UserId, ids: Vec<ServerMsgId>, ok: bool) {
-        if !ok {
-            self.pending
-                .borrow_mut()
-                .insert(0, (Op::Unlog { user, ids }, Completion::None));
-            return;
-        }
+    /// `Op::Unlog` for `user` committed: its items are in the user's queue now.
+    pub(super) fn log_unlogged(&self, user: UserId, ids: &[ServerMsgId]) {
         let mut unlogging = self.glog.unlogging.borrow_mut();
         if let Some(v) = unlogging.get_mut(&user) {
             v.retain(|(x, _)| ids.binary_search(x).is_err());
@@ -217,6 +260,24 @@ impl Shard {
                 unlogging.remove(&user);
             }
         }
+    }
+
+    /// `Op::Unlog` for `user` failed, alone too (a full map or disk, a damaged record): its
+    /// records keep naming the user and must stay until `Store::open` moves it. Their drops,
+    /// pending or to come, are cancelled; the user gets the items after the next start.
+    pub(super) fn log_pin(&self, user: UserId, ids: &[ServerMsgId]) {
+        tracing::error!(shard = self.id.0, %user, items = ids.len(), "group log: moving a member out failed; its records stay until the next start");
+        self.log_unlogged(user, ids);
+        let mut entries = self.glog.entries.borrow_mut();
+        for id in ids {
+            if let Some(e) = entries.get_mut(id) {
+                e.pinned = true;
+            }
+        }
+        drop(entries);
+        self.pending
+            .borrow_mut()
+            .retain(|(op, _)| !matches!(op, Op::LogDrop { id } if ids.binary_search(id).is_ok()));
     }
 
     /// The committed log messages `user` holds with ids above `after`, in order (live ones
