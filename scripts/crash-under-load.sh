@@ -10,9 +10,11 @@
 # Loopback only, bounded: each scenario runs at most --max-run-s (120 s) and is then stopped.
 # Kills land at uniformly random moments in the scenario's busy window (seeded by --seed, so a
 # failing run can be repeated). Exit 0 when every scenario lost nothing, 1 otherwise.
-# groups: groups of 100 (the users are all online, so member shards use the group log), at
-# --rate / 5 group messages/s; every acknowledged message must reach every other member
-# (distinct (member, message) pairs; redeliveries after a restart are counted apart).
+# groups: 10 x --users users in groups of 100 (all online, so member shards use the group
+# log), at 3/5 x --rate group messages/s (about 300,000 member-deliveries/s by default).
+# Members ACK 50 ms after they read (--ack-delay-ms), so that every kill finds deliveries not
+# yet ACKed. Every acknowledged message must reach every other member (distinct (member,
+# message) pairs; redeliveries after a restart are counted apart).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -73,13 +75,14 @@ send_rate_per_s = 0
 TOML
   starts=0
   start_node "$sd"
+  n=$users
   case $scenario in
     chat) args=(chat --rate "$rate" --duration-s 20); window=20 ;;
     offline) args=(offline --messages "$messages"); window=8 ;;
-    groups) args=(groups --group-size 100 --rate $((rate / 5)) --duration-s 20); window=20 ;;
+    groups) n=$((users * 10)); args=(groups --group-size 100 --rate $((rate * 3 / 5)) --duration-s 20 --ack-delay-ms 50); window=20 ;;
     *) echo "crash-under-load: unknown scenario $scenario" >&2; exit 2 ;;
   esac
-  "$bin/loadgen" run "${args[@]}" --users "$users" --gateway "127.0.0.1:$port" --key-hex "$key" \
+  "$bin/loadgen" run "${args[@]}" --users "$n" --gateway "127.0.0.1:$port" --key-hex "$key" \
     --reconnect --cores 1 --drain-timeout-s 60 --max-run-s "$max_run" --report "$sd/report.json" \
     > "$sd/loadgen.out" 2>&1 &
   lg=$!

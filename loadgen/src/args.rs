@@ -111,6 +111,11 @@ pub struct RunArgs {
     /// acknowledged message to delivery.
     #[arg(long)]
     pub reconnect: bool,
+    /// ACK deliveries this many milliseconds after reading them, in batches (a client that
+    /// stores before it acknowledges; crash runs use it so that kills find unACKed
+    /// deliveries); 0 = in the same write as the read.
+    #[arg(long, default_value_t = 0)]
+    pub ack_delay_ms: u64,
     /// Overall time limit of the run, seconds: every phase stops by then.
     #[arg(long, default_value_t = 600)]
     pub max_run_s: u64,

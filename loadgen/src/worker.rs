@@ -239,6 +239,33 @@ impl Shared {
     }
 }
 
+fn push_acks(c: &LConn, acks: &[ServerMsgId]) {
+    for chunk in acks.chunks(gatehouse::limits::ACK_IDS_MAX) {
+        c.push(&ClientFrame::Ack {
+            ids: chunk.to_vec(),
+        });
+    }
+}
+
+/// `--ack-delay-ms`: sends the deferred ACKs that are due, every few milliseconds, for as long
+/// as the executor runs (a detached task, dropped with it).
+async fn ack_later(ex: Rc<Exec>) {
+    let tick = Duration::from_millis(ex.sh.args.ack_delay_ms.clamp(1, 10));
+    loop {
+        glommio::timer::sleep(tick).await;
+        let now = ex.sh.now_ns();
+        let conns: Vec<Rc<LConn>> = ex.conns.borrow().values().cloned().collect();
+        for c in conns {
+            let mut d = c.deferred.borrow_mut();
+            while d.front().is_some_and(|(due, _)| *due <= now) {
+                if let Some((_, acks)) = d.pop_front() {
+                    push_acks(&c, &acks);
+                }
+            }
+        }
+    }
+}
+
 /// One client connection.
 struct LConn {
     idx: u32,
@@ -253,6 +280,9 @@ struct LConn {
     retired: Cell<bool>,
     inflight: Cell<u32>,
     started: Instant,
+    /// `--ack-delay-ms`: ACKs read but not yet sent, with when they are due (ns since the
+    /// run's epoch).
+    deferred: RefCell<std::collections::VecDeque<(u64, Vec<ServerMsgId>)>>,
 }
 
 impl LConn {
@@ -269,6 +299,7 @@ impl LConn {
             retired: Cell::new(false),
             inflight: Cell::new(0),
             started: Instant::now(),
+            deferred: RefCell::new(std::collections::VecDeque::new()),
         }
     }
     fn push(&self, f: &ClientFrame) {
@@ -601,10 +632,11 @@ impl Exec {
             };
             self.handle(c, frame, now_ns, &mut acks);
         }
-        for chunk in acks.chunks(gatehouse::limits::ACK_IDS_MAX) {
-            c.push(&ClientFrame::Ack {
-                ids: chunk.to_vec(),
-            });
+        if self.sh.args.ack_delay_ms > 0 && !acks.is_empty() {
+            let due = now_ns + self.sh.args.ack_delay_ms * 1_000_000;
+            c.deferred.borrow_mut().push_back((due, acks));
+        } else {
+            push_acks(c, &acks);
         }
         off
     }
@@ -1495,6 +1527,9 @@ pub fn run(args: RunArgs, index: usize, workers: usize) -> anyhow::Result<()> {
                     h_tls: RefCell::new(histogram()),
                     h_presence: RefCell::new(histogram()),
                 });
+                if ex.sh.args.ack_delay_ms > 0 {
+                    glommio::spawn_local(ack_later(ex.clone())).detach();
+                }
                 run_exec(ex, ptx).await
             })
             .map_err(|e| anyhow::anyhow!("starting executor: {e}"))?;
