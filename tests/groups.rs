@@ -398,12 +398,27 @@ fn bad_group_input_gets_named_errors() {
     node.shutdown().unwrap();
 }
 
+/// A node process without a send rate limit, for kill -9 tests: (config, log, node, client
+/// address, admin address).
+fn unlimited_node(
+    dir: &std::path::Path,
+) -> (
+    std::path::PathBuf,
+    std::path::PathBuf,
+    Gateway,
+    std::net::SocketAddr,
+    std::net::SocketAddr,
+) {
+    let cfg = node_config(dir, "[limits]\nsend_rate_per_s = 0\n");
+    let log = dir.join("node.log");
+    let (node, addr, admin) = spawn_node(&cfg, &log);
+    (cfg, log, node, addr, admin)
+}
+
 #[test]
 fn kill_9_during_group_sends_loses_no_acknowledged_member_delivery() {
     let dir = tempfile::tempdir().unwrap();
-    let cfg = node_config(dir.path(), "[limits]\nsend_rate_per_s = 0\n");
-    let log = dir.path().join("node.log");
-    let (mut node, addr, _) = spawn_node(&cfg, &log);
+    let (cfg, log, mut node, addr, _) = unlimited_node(dir.path());
     let (sender, g) = (user_on_shard(100, 0, 2), 9_001);
     let members: Vec<u64> = vec![
         user_on_shard(200, 0, 2),
@@ -873,9 +888,7 @@ fn an_online_member_that_leaves_gets_what_it_had_not_acknowledged_at_its_next_lo
 #[test]
 fn kill_9_with_online_members_holding_group_messages_loses_none() {
     let dir = tempfile::tempdir().unwrap();
-    let cfg = node_config(dir.path(), "[limits]\nsend_rate_per_s = 0\n");
-    let log = dir.path().join("node.log");
-    let (mut node, addr, admin) = spawn_node(&cfg, &log);
+    let (cfg, log, mut node, addr, admin) = unlimited_node(dir.path());
     let (a, g) = (user_on_shard(100, 0, 2), 808);
     let members = [
         user_on_shard(200, 0, 2),
