@@ -182,11 +182,17 @@ pub const GROUP_LOG_MOVES_PER_TXN: usize = 10_000;
 /// (delivered or waiting for room in the delivery window). Past it, further group messages go
 /// to the user's own queue, as for an offline member (docs/architecture.md, Groups).
 pub const GROUP_LIVE_PER_USER_MAX: usize = 512;
+/// Group messages with larger bodies are not put in the group log: each member gets an append
+/// (the body stored once per shard from `GROUP_BODY_SHARED_MIN_BYTES`). With
+/// `GROUP_LIVE_PER_USER_MAX` this bounds what one member that never ACKs holds in memory to
+/// 2 MiB, so it takes 32 of them to fill `GROUP_LOG_BYTES_MAX`.
+pub const GROUP_LOG_BODY_BYTES_MAX: usize = 4096;
 /// Bytes of group message bodies one shard's group log may hold in memory. Past it, fan-outs
 /// append to each member's queue, as for offline members, until ACKs free room.
 pub const GROUP_LOG_BYTES_MAX: usize = 64 << 20;
 /// Bytes of group log records moved into members' queues per transaction when a store opens
-/// (besides `GROUP_LOG_MOVES_PER_TXN`): a transaction cannot reuse the pages it frees.
+/// (besides `GROUP_LOG_MOVES_PER_TXN`), and at most a quarter of the map, as for the group
+/// commit: a transaction cannot reuse the pages it frees.
 pub const GROUP_LOG_MOVE_BYTES_PER_TXN: usize = 64 << 20;
 /// Group member lists one shard keeps in memory (the store holds them all).
 pub const GROUP_CACHE_MAX: usize = 65_536;

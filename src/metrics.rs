@@ -190,6 +190,8 @@ pub struct ShardSnapshot {
     pub group_queue_full: u64,
     /// Member-deliveries stored through the group log (online members).
     pub group_log_deliveries: u64,
+    /// Members whose move out of the group log failed twice (left for the next start).
+    pub group_log_moves_failed: u64,
     /// Group messages held in memory for online members, each stored once in the group log.
     pub group_log_messages: u64,
     /// Group receipt tallies written to the store (checkpoints).
@@ -648,6 +650,13 @@ impl prometheus_client::collector::Collector for Snapshots {
             f,
             |s| s.group_log_deliveries,
         )?;
+        counter(
+            e,
+            "group_log_moves_failed",
+            "Members whose move out of the group log into their own queue failed twice (a full map or disk): their records stay, and they get those messages after the next start",
+            f,
+            |s| s.group_log_moves_failed,
+        )?;
         gauge(
             e,
             "group_log_messages",
@@ -794,6 +803,7 @@ mod tests {
             group_deliveries: 0,
             group_queue_full: 0,
             group_log_deliveries: 0,
+            group_log_moves_failed: 0,
             group_log_messages: 0,
             group_tally_writes: 0,
             outbound_bytes_queued: 0,

@@ -165,7 +165,7 @@ fn coordinate(args: RunArgs) -> anyhow::Result<ExitCode> {
                     deliver_hist,
                 }),
             )) => {
-                latest[i] = counters;
+                latest[i] = *counters;
                 if let Ok(h) = decode_hist(&deliver_hist) {
                     let _ = interval.add(&h);
                 }

@@ -102,8 +102,8 @@ struct TlsSetup {
 pub enum WorkerLine {
     /// Once a second.
     Progress {
-        /// Counters so far.
-        counters: Counters,
+        /// Counters so far (boxed: the enum's other variant is a pointer).
+        counters: Box<Counters>,
         /// Send→deliver latency of the last interval (serialized histogram).
         deliver_hist: String,
     },
@@ -1571,7 +1571,7 @@ pub fn run(args: RunArgs, index: usize, workers: usize) -> anyhow::Result<()> {
             let mut total = Counters::default();
             latest.values().for_each(|c| total.add(c));
             let line = WorkerLine::Progress {
-                counters: total,
+                counters: Box::new(total),
                 deliver_hist: encode_hist(&interval),
             };
             println!("{}", serde_json::to_string(&line)?);

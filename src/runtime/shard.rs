@@ -387,6 +387,8 @@ pub struct ShardStats {
     pub group_queue_full: Cell<u64>,
     /// Member-deliveries stored through the group log (one record per message and shard).
     pub group_log_deliveries: Cell<u64>,
+    /// Members whose move out of the group log failed twice (left for the next start).
+    pub group_log_moves_failed: Cell<u64>,
     /// Group receipt tallies written to (or deleted from) the store by checkpoints.
     pub group_tally_writes: Cell<u64>,
 }
@@ -2379,6 +2381,7 @@ impl Shard {
             group_deliveries: st.group_deliveries.get(),
             group_queue_full: st.group_queue_full.get(),
             group_log_deliveries: st.group_log_deliveries.get(),
+            group_log_moves_failed: st.group_log_moves_failed.get(),
             group_log_messages: self.log_messages() as u64,
             group_tally_writes: st.group_tally_writes.get(),
             outbound_bytes_queued: io.out_bytes_queued.get(),

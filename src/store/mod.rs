@@ -1288,6 +1288,7 @@ impl Store {
             receipts_max: u32::MAX,
         };
         let mut moved = 0;
+        let bytes_max = crate::limits::GROUP_LOG_MOVE_BYTES_PER_TXN.min(self.map_bytes() / 4);
         loop {
             // (record, member) pairs, at most `limits::GROUP_LOG_MOVES_PER_TXN` and about
             // `limits::GROUP_LOG_MOVE_BYTES_PER_TXN` written a transaction (a move writes
@@ -1302,9 +1303,7 @@ impl Store {
                     .prefix_iter(&rtxn, &[LOG_PREFIX])
                     .map_err(|e| self.err(e))?
                 {
-                    if pairs >= crate::limits::GROUP_LOG_MOVES_PER_TXN
-                        || bytes >= crate::limits::GROUP_LOG_MOVE_BYTES_PER_TXN
-                    {
+                    if pairs >= crate::limits::GROUP_LOG_MOVES_PER_TXN || bytes >= bytes_max {
                         break;
                     }
                     let (k, v) = r.map_err(|e| self.err(e))?;
@@ -1323,7 +1322,7 @@ impl Store {
                     }
                     for user in users.into_iter() {
                         if pairs >= crate::limits::GROUP_LOG_MOVES_PER_TXN
-                            || (pairs > 0 && bytes >= crate::limits::GROUP_LOG_MOVE_BYTES_PER_TXN)
+                            || (pairs > 0 && bytes >= bytes_max)
                         {
                             break;
                         }

@@ -91,7 +91,10 @@ impl Shard {
         recipients: Vec<UserId>,
         item: &Item,
     ) -> (Vec<UserId>, Vec<UserId>) {
-        if self.glog.bytes.get() + body_bytes(item) > limits::GROUP_LOG_BYTES_MAX {
+        let body = body_bytes(item);
+        if body > limits::GROUP_LOG_BODY_BYTES_MAX
+            || self.glog.bytes.get() + body > limits::GROUP_LOG_BYTES_MAX
+        {
             return (Vec::new(), recipients);
         }
         let sessions = self.sessions.borrow();
@@ -266,6 +269,7 @@ impl Shard {
     /// records keep naming the user and must stay until `Store::open` moves it. Their drops,
     /// pending or to come, are cancelled; the user gets the items after the next start.
     pub(super) fn log_pin(&self, user: UserId, ids: &[ServerMsgId]) {
+        super::bump(&self.stats.group_log_moves_failed, 1);
         tracing::error!(shard = self.id.0, %user, items = ids.len(), "group log: moving a member out failed; its records stay until the next start");
         self.log_unlogged(user, ids);
         let mut entries = self.glog.entries.borrow_mut();
