@@ -147,6 +147,16 @@ fn test_drop_delivery_every() -> u64 {
     every
 }
 
+/// The group log's give-up test hook (see `ShardConfig::test_fail_log_moves`), from the
+/// environment. Loud, because a node with it set refuses sends on purpose.
+fn test_fail_log_moves() -> bool {
+    let on = std::env::var("GATEHOUSE_TEST_FAIL_LOG_MOVES").is_ok_and(|v| v == "1");
+    if on {
+        tracing::error!("TEST HOOK ACTIVE: every commit that moves a member out of the group log fails; never use this in production");
+    }
+    on
+}
+
 /// Reloads the certificate of `tls`, logging the outcome.
 pub fn reload_tls(tls: Option<&TlsContext>) -> anyhow::Result<CertSummary> {
     let Some(ctx) = tls else {
@@ -209,6 +219,7 @@ pub fn start(config: Config) -> anyhow::Result<ServerHandle> {
         typing_rate_per_s: config.limits.typing_rate_per_s,
         group_members_max: config.limits.group_members_max,
         test_drop_delivery_every: test_drop_delivery_every(),
+        test_fail_log_moves: test_fail_log_moves(),
     };
 
     let mut opened = Vec::with_capacity(shards);

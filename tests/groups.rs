@@ -976,3 +976,58 @@ fn kill_9_with_online_members_holding_group_messages_loses_none() {
         }
     }
 }
+
+/// The give-up path of the group log: a member's move into its own queue fails, and so does
+/// its retry (a test hook fails every commit that holds a move). Its records must stay on
+/// disk, whatever the other members ACK, and the member gets the messages after the next
+/// start, with the same ids.
+#[test]
+fn a_member_whose_move_out_of_the_group_log_fails_gets_its_messages_after_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = node_config(dir.path(), "[limits]\nsend_rate_per_s = 0\n");
+    let log = dir.path().join("node.log");
+    let hook = [("GATEHOUSE_TEST_FAIL_LOG_MOVES", "1")];
+    let (mut node, addr, admin) = spawn_node_env(&cfg, &log, &hook);
+    let (a, g) = (user_on_shard(100, 0, 2), 909);
+    let (m, other) = (user_on_shard(200, 1, 2), user_on_shard(300, 1, 2));
+    let mut ca = login(addr, a, 1);
+    group(&mut ca, 1, g, GroupOp::Create, &[m, other]);
+    expect_ok(&mut ca, 1);
+    let mut cm = login(addr, m, 1);
+    let mut co = login(addr, other, 1);
+    for i in 0..3u8 {
+        group_send(&mut ca, 10 + u64::from(i), g, &[i; 64]);
+        expect_ack(&mut ca, 10 + u64::from(i));
+    }
+    // `m` ACKs none and leaves: its move fails twice and is given up. Only then does `other`
+    // ACK: the records, done with in memory, must not be dropped from the store.
+    let seen_o = take_group_messages(&mut co, 3, |_| false);
+    let held = take_group_messages(&mut cm, 3, |_| false);
+    drop(cm);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let failed = || {
+        let body = http(admin, "GET", "/metrics").1;
+        metric(&body, "gatehouse_group_log_moves_failed_total", "")
+    };
+    while failed() < 1.0 {
+        assert!(std::time::Instant::now() < deadline, "no move given up");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let ids: Vec<ServerMsgId> = seen_o.iter().map(|(id, _)| *id).collect();
+    co.ack(&ids).unwrap();
+    expect_nothing_queued(&mut co, 1);
+    // Every member is done with the three in memory (ACKed or given up).
+    let body = http(admin, "GET", "/metrics").1;
+    assert_eq!(metric(&body, "gatehouse_group_log_messages", ""), 0.0);
+    assert_eq!(failed(), 1.0);
+    // Until the next start `m` does not get them (documented); the records are kept.
+    let mut cm = login(addr, m, 1);
+    expect_nothing_queued(&mut cm, 2);
+    drop(cm);
+    node.kill().unwrap();
+    node.wait().unwrap();
+    let (_node, addr, _) = spawn_node(&cfg, &log);
+    let mut cm = login(addr, m, 1);
+    assert_eq!(take_group_messages(&mut cm, 3, |_| true), held);
+    expect_nothing_queued(&mut cm, 3);
+}

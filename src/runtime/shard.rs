@@ -278,6 +278,10 @@ pub struct ShardConfig {
     /// as if acknowledged, send nothing), so that tests can prove the loadgen's loss check
     /// fails. Set only by the `GATEHOUSE_TEST_DROP_DELIVERY_EVERY` environment variable.
     pub test_drop_delivery_every: u64,
+    /// Test hook, never for production: every commit that holds an `Op::Unlog` fails, and so
+    /// does its retry, so that tests reach the give-up path (`log_pin`). Set only by the
+    /// `GATEHOUSE_TEST_FAIL_LOG_MOVES=1` environment variable.
+    pub test_fail_log_moves: bool,
 }
 
 /// What a committed op must trigger.
@@ -1785,8 +1789,14 @@ impl Shard {
             let limits = self.cfg.queue;
             let started = Instant::now();
             self.committing.set(true);
+            let fail_moves =
+                self.cfg.test_fail_log_moves && ops.iter().any(|op| matches!(op, Op::Unlog { .. }));
             let (ops, result, retried, log_retried) = blocking(move || {
-                let r = store.apply(&ops, limits);
+                let apply = |ops: &[Op]| match fail_moves {
+                    true => Err(store.test_failure("test hook: group log moves fail")),
+                    false => store.apply(ops, limits),
+                };
+                let r = apply(&ops);
                 let mut retried = None;
                 let mut log_retried = None;
                 if r.is_err() {
@@ -1800,7 +1810,7 @@ impl Shard {
                         .cloned()
                         .collect();
                     if !log_ops.is_empty() {
-                        match store.apply(&log_ops, limits) {
+                        match apply(&log_ops) {
                             Ok(outcomes) => log_retried = Some(outcomes),
                             Err(e) => {
                                 tracing::error!(error = %e, "retrying group log moves after a failed commit failed too")

@@ -773,6 +773,16 @@ pub struct Opened {
     pub epoch: u16,
 }
 
+impl Store {
+    /// The error a test hook reports for a commit it fails on purpose.
+    pub fn test_failure(&self, why: &'static str) -> StoreError {
+        StoreError::Corrupt {
+            path: self.path.clone(),
+            why,
+        }
+    }
+}
+
 impl StoreError {
     /// What a client is told: the kind of failure, never server paths or internals (those go
     /// to the log).

@@ -344,10 +344,25 @@ pub struct Banner {
 
 /// Starts the binary with `config` and reads every banner line (up to the admin line).
 pub fn spawn_node_banner(config: &Path, log: &Path) -> (Gateway, Banner) {
+    spawn_node_banner_env(config, log, &[])
+}
+
+/// [`spawn_node`] with environment variables set (test hooks).
+pub fn spawn_node_env(
+    config: &Path,
+    log: &Path,
+    env: &[(&str, &str)],
+) -> (Gateway, SocketAddr, SocketAddr) {
+    let (g, b) = spawn_node_banner_env(config, log, env);
+    (g, b.tcp.unwrap(), b.admin.expect("admin endpoint enabled"))
+}
+
+pub fn spawn_node_banner_env(config: &Path, log: &Path, env: &[(&str, &str)]) -> (Gateway, Banner) {
     for _ in 0..2 {
         let mut child = Command::new(env!("CARGO_BIN_EXE_gatehouse"))
             .args(["run", "--config"])
             .arg(config)
+            .envs(env.iter().copied())
             .env_remove("GATEHOUSE_LOG")
             .stdout(Stdio::piped())
             .stderr(std::fs::File::create(log).unwrap())
