@@ -3,8 +3,11 @@
 //! and ACKs are kept here, in memory (docs/architecture.md, Groups, "The group log").
 //!
 //! - A member is *live* for a message when it has a session on this shard at fan-out and
-//!   holds fewer than `limits::GROUP_LIVE_PER_USER_MAX` log messages; the others get an append
-//!   to their own queue, as before.
+//!   holds fewer than `limits::GROUP_LIVE_PER_USER_MAX` log messages, the body is at most
+//!   `limits::GROUP_LOG_BODY_BYTES_MAX` and the log's bodies stay within
+//!   `limits::GROUP_LOG_BYTES_MAX`; the others get an append to their own queue, as before.
+//! - Keys are server-assigned message ids and verified user ids, hashed with foldhash like
+//!   the shard's sessions (docs/architecture.md, Hashing).
 //! - The record lists the live members. An ACK removes the member here only; the record is
 //!   dropped (`Op::LogDrop`) once every live member acknowledged or was moved out.
 //! - A member whose last session ends is moved out: `Op::Unlog` appends the record's item to
@@ -85,7 +88,8 @@ impl Shard {
     }
 
     /// Splits a fan-out's `recipients` into live members (returned first) and the others.
-    /// None is live when the log's memory is at `limits::GROUP_LOG_BYTES_MAX`.
+    /// None is live when the body is over `limits::GROUP_LOG_BODY_BYTES_MAX` or the log's
+    /// bodies would pass `limits::GROUP_LOG_BYTES_MAX`.
     pub(super) fn split_live(
         &self,
         recipients: Vec<UserId>,
