@@ -402,6 +402,7 @@ fn bad_group_input_gets_named_errors() {
 /// address, admin address).
 fn unlimited_node(
     dir: &std::path::Path,
+    env: &[(&str, &str)],
 ) -> (
     std::path::PathBuf,
     std::path::PathBuf,
@@ -411,14 +412,14 @@ fn unlimited_node(
 ) {
     let cfg = node_config(dir, "[limits]\nsend_rate_per_s = 0\n");
     let log = dir.join("node.log");
-    let (node, addr, admin) = spawn_node(&cfg, &log);
+    let (node, addr, admin) = spawn_node_env(&cfg, &log, env);
     (cfg, log, node, addr, admin)
 }
 
 #[test]
 fn kill_9_during_group_sends_loses_no_acknowledged_member_delivery() {
     let dir = tempfile::tempdir().unwrap();
-    let (cfg, log, mut node, addr, _) = unlimited_node(dir.path());
+    let (cfg, log, mut node, addr, _) = unlimited_node(dir.path(), &[]);
     let (sender, g) = (user_on_shard(100, 0, 2), 9_001);
     let members: Vec<u64> = vec![
         user_on_shard(200, 0, 2),
@@ -821,6 +822,16 @@ fn expect_nothing_queued(c: &mut Client, nonce: u64) {
     assert_eq!(next_non_event(c), ServerFrame::Pong { nonce });
 }
 
+/// Creates group `g` with `members` (the creator, user_on_shard(100, 0, 2), sends) and logs
+/// every member in: (the creator's client, the members' clients in order).
+fn online_group(addr: std::net::SocketAddr, g: u64, members: &[u64]) -> (Client, Vec<Client>) {
+    let mut ca = login(addr, user_on_shard(100, 0, 2), 1);
+    group(&mut ca, 1, g, GroupOp::Create, members);
+    expect_ok(&mut ca, 1);
+    let cs = members.iter().map(|m| login(addr, *m, 1)).collect();
+    (ca, cs)
+}
+
 /// Online members get a group message from the member shard's group log (one record per
 /// shard, ACKs in memory). One that leaves gets what it had not ACKed at its next login, with
 /// the same ids, and nothing it had ACKed; the sender's receipts count ACKs made in memory.
@@ -829,13 +840,10 @@ fn an_online_member_that_leaves_gets_what_it_had_not_acknowledged_at_its_next_lo
     let dir = tempfile::tempdir().unwrap();
     let node = start(config(dir.path()));
     let addr = node.local_addr;
-    let (a, g) = (user_on_shard(100, 0, 2), 707);
+    let g = 707;
     let (m, other) = (user_on_shard(200, 1, 2), user_on_shard(300, 0, 2));
-    let mut ca = login(addr, a, 1);
-    group(&mut ca, 1, g, GroupOp::Create, &[m, other]);
-    expect_ok(&mut ca, 1);
-    let mut cm = login(addr, m, 1);
-    let mut co = login(addr, other, 1);
+    let (mut ca, mut cs) = online_group(addr, g, &[m, other]);
+    let (mut co, mut cm) = (cs.pop().unwrap(), cs.pop().unwrap());
     for i in 0..5u8 {
         // 64 and 600 bytes: a body copied into the record and one shared on disk.
         let body = vec![i; if i % 2 == 0 { 64 } else { 600 }];
@@ -891,17 +899,14 @@ fn an_online_member_that_leaves_gets_what_it_had_not_acknowledged_at_its_next_lo
 #[test]
 fn kill_9_with_online_members_holding_group_messages_loses_none() {
     let dir = tempfile::tempdir().unwrap();
-    let (cfg, log, mut node, addr, admin) = unlimited_node(dir.path());
-    let (a, g) = (user_on_shard(100, 0, 2), 808);
+    let (cfg, log, mut node, addr, admin) = unlimited_node(dir.path(), &[]);
+    let g = 808;
     let members = [
         user_on_shard(200, 0, 2),
         user_on_shard(300, 1, 2),
         user_on_shard(400, 1, 2),
     ];
-    let mut ca = login(addr, a, 1);
-    group(&mut ca, 1, g, GroupOp::Create, &members);
-    expect_ok(&mut ca, 1);
-    let mut cs: Vec<Client> = members.iter().map(|m| login(addr, *m, 1)).collect();
+    let (mut ca, mut cs) = online_group(addr, g, &members);
     for i in 0..20u64 {
         let mut body = i.to_be_bytes().to_vec();
         body.resize(if i % 2 == 0 { 64 } else { 600 }, 0xab);
@@ -984,17 +989,12 @@ fn kill_9_with_online_members_holding_group_messages_loses_none() {
 #[test]
 fn a_member_whose_move_out_of_the_group_log_fails_gets_its_messages_after_a_restart() {
     let dir = tempfile::tempdir().unwrap();
-    let cfg = node_config(dir.path(), "[limits]\nsend_rate_per_s = 0\n");
-    let log = dir.path().join("node.log");
     let hook = [("GATEHOUSE_TEST_FAIL_LOG_MOVES", "1")];
-    let (mut node, addr, admin) = spawn_node_env(&cfg, &log, &hook);
-    let (a, g) = (user_on_shard(100, 0, 2), 909);
+    let (cfg, log, mut node, addr, admin) = unlimited_node(dir.path(), &hook);
+    let g = 909;
     let (m, other) = (user_on_shard(200, 1, 2), user_on_shard(300, 1, 2));
-    let mut ca = login(addr, a, 1);
-    group(&mut ca, 1, g, GroupOp::Create, &[m, other]);
-    expect_ok(&mut ca, 1);
-    let mut cm = login(addr, m, 1);
-    let mut co = login(addr, other, 1);
+    let (mut ca, mut cs) = online_group(addr, g, &[m, other]);
+    let (mut co, mut cm) = (cs.pop().unwrap(), cs.pop().unwrap());
     for i in 0..3u8 {
         group_send(&mut ca, 10 + u64::from(i), g, &[i; 64]);
         expect_ack(&mut ca, 10 + u64::from(i));

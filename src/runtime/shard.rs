@@ -1789,47 +1789,40 @@ impl Shard {
             let limits = self.cfg.queue;
             let started = Instant::now();
             self.committing.set(true);
-            let fail_moves =
-                self.cfg.test_fail_log_moves && ops.iter().any(|op| matches!(op, Op::Unlog { .. }));
+            let fail_moves = self.cfg.test_fail_log_moves;
             let (ops, result, retried, log_retried) = blocking(move || {
-                let apply = |ops: &[Op]| match fail_moves {
-                    true => Err(store.test_failure("test hook: group log moves fail")),
-                    false => store.apply(ops, limits),
+                let apply = |ops: &[Op]| {
+                    if fail_moves && ops.iter().any(|op| matches!(op, Op::Unlog { .. })) {
+                        Err(store.test_failure("test hook: group log moves fail"))
+                    } else {
+                        store.apply(ops, limits)
+                    }
+                };
+                // The ops of a failed batch that `keep` selects, applied again alone and in
+                // order: their outcomes, or `None` when there are none or this failed too.
+                let retry_alone = |keep: fn(&Op) -> bool, what: &str| {
+                    let some: Vec<Op> = ops.iter().filter(|op| keep(op)).cloned().collect();
+                    if some.is_empty() {
+                        return None;
+                    }
+                    apply(&some)
+                        .map_err(|e| tracing::error!(error = %e, "retrying {what} after a failed commit failed too"))
+                        .ok()
                 };
                 let r = apply(&ops);
-                let mut retried = None;
-                let mut log_retried = None;
+                let (mut retried, mut log_retried) = (None, None);
                 if r.is_err() {
-                    // Moves out of the group log and record drops first, alone and in order
-                    // (a drop never passes the move it waits for; a delete of a moved item
-                    // then finds it). Tried once: see `complete` for what a second failure
-                    // does.
-                    let log_ops: Vec<Op> = ops
-                        .iter()
-                        .filter(|op| matches!(op, Op::Unlog { .. } | Op::LogDrop { .. }))
-                        .cloned()
-                        .collect();
-                    if !log_ops.is_empty() {
-                        match apply(&log_ops) {
-                            Ok(outcomes) => log_retried = Some(outcomes),
-                            Err(e) => {
-                                tracing::error!(error = %e, "retrying group log moves after a failed commit failed too")
-                            }
-                        }
-                    }
+                    // Moves out of the group log and record drops first (a drop never passes
+                    // the move it waits for; a delete of a moved item then finds it). Tried
+                    // once: see `complete` for what a second failure does.
+                    log_retried = retry_alone(
+                        |op| matches!(op, Op::Unlog { .. } | Op::LogDrop { .. }),
+                        "group log moves",
+                    );
                     // A failed batch (e.g. the map is full) also rolled back its deletes.
                     // Retry them alone: they free space, and acknowledged messages must not
                     // come back. Their outcomes, in order, settle them as in any commit.
-                    let deletes: Vec<Op> =
-                        ops.iter().filter(|op| matches!(op, Op::Delete { .. })).cloned().collect();
-                    if !deletes.is_empty() {
-                        match store.apply(&deletes, limits) {
-                            Ok(outcomes) => retried = Some(outcomes),
-                            Err(e) => {
-                                tracing::error!(error = %e, "retrying deletes after a failed commit failed too")
-                            }
-                        }
-                    }
+                    retried = retry_alone(|op| matches!(op, Op::Delete { .. }), "deletes");
                 }
                 (ops, r, retried, log_retried)
             })
